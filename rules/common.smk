@@ -1,0 +1,117 @@
+# Helpers for the rules: config validation, the plan of keyed outputs, and paths. Logic lives in stages/.
+import json
+import sys
+
+from stages import config as caddie
+
+caddie.validate(config, source=", ".join(map(str, workflow.configfiles)) or "config")
+PLAN = caddie.plan(config)
+ARMS = PLAN["arms"]
+PYTHON = sys.executable
+
+
+wildcard_constraints:
+    key="[0-9a-f]{12}",
+    seed=r"\d+",
+    point="|".join(caddie.POINTS),
+    mode="standard|sliding",
+
+
+localrules:
+    all,
+    all_tokenize,
+    all_curriculum,
+    all_train,
+    all_quantize,
+    all_evaluate,
+
+
+def stage_config(stage):
+    """params function: the stage's resolved config for this key, as canonical JSON (a rerun trigger)."""
+    return lambda wc: json.dumps(PLAN["stages"][stage][wc.key]["config"], sort_keys=True)
+
+
+def upstream(stage, key, name):
+    return PLAN["stages"][stage][key]["inputs"][name]
+
+
+def code(stage):
+    return caddie.stage_sources(stage)
+
+
+def manifest_path(tokenize_key):
+    return f"artifacts/tokenize/{tokenize_key}/manifest.json"
+
+
+def train_dir(key, seed):
+    return f"artifacts/train/{key}/seed{seed}"
+
+
+def quantize_dir(key, seed):
+    return f"artifacts/quantize/{key}/seed{seed}"
+
+
+def eval_path(point, key, seed, mode):
+    return f"artifacts/evaluate/{point}/{key}/seed{seed}/{mode}.json"
+
+
+def arm_outputs(stage):
+    """Every output of one stage over all arms and seeds (the per-stage targets)."""
+    paths = set()
+    for arm, keys in ARMS.items():
+        for seed in config["seeds"]:
+            if stage == "tokenize":
+                paths.add(manifest_path(keys["tokenize"]))
+            elif stage == "curriculum" and "curriculum" in keys:
+                paths.add(f"artifacts/curriculum/{keys['curriculum']}/buckets.npz")
+            elif stage == "train":
+                paths.add(f"{train_dir(keys['train'], seed)}/model.pt")
+            elif stage == "quantize":
+                paths.add(f"{quantize_dir(keys['quantize'], seed)}/artifact.bin")
+            elif stage == "evaluate":
+                paths |= {eval_path(p, k, seed, m) for p, k in keys["evaluate"].items() for m in keys["modes"]}
+    return sorted(paths)
+
+
+def aggregate_runs():
+    """One record per (arm, seed, point, mode) with the files the aggregate stage reads."""
+    runs = []
+    for arm, keys in ARMS.items():
+        for seed in config["seeds"]:
+            for point, key in keys["evaluate"].items():
+                for mode in keys["modes"]:
+                    quant = f"{quantize_dir(keys['quantize'], seed)}/summary.json"
+                    runs.append({"arm": arm, "seed": seed, "point": point, "mode": mode,
+                                 "eval": eval_path(point, key, seed, mode),
+                                 "train_summary": f"{train_dir(keys['train'], seed)}/summary.json",
+                                 "quantize_summary": quant if point == "quant" else None})
+    return runs
+
+
+def run_files(runs):
+    return sorted({path for r in runs for k in ("eval", "train_summary", "quantize_summary") if (path := r[k])})
+
+
+rule all_tokenize:
+    input:
+        arm_outputs("tokenize"),
+
+
+rule all_curriculum:
+    input:
+        arm_outputs("curriculum"),
+
+
+rule all_train:
+    input:
+        arm_outputs("train"),
+
+
+rule all_quantize:
+    input:
+        arm_outputs("quantize"),
+
+
+rule all_evaluate:
+    input:
+        arm_outputs("evaluate"),

@@ -1,0 +1,14 @@
+rule curriculum:
+    input:
+        manifest=lambda wc: manifest_path(upstream("curriculum", wc.key, "tokenize")),
+        code=code("curriculum"),
+    output:
+        buckets="artifacts/curriculum/{key}/buckets.npz",
+        summary="artifacts/curriculum/{key}/summary.json",
+    params:
+        config=stage_config("curriculum"),
+    log:
+        "logs/curriculum/{key}.log",
+    shell:
+        "{PYTHON} -m stages.curriculum --config {params.config:q} --manifest {input.manifest} "
+        "--out {output.buckets} --summary {output.summary} > {log} 2>&1"

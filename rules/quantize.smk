@@ -1,0 +1,17 @@
+rule quantize:
+    input:
+        checkpoint=lambda wc: f"{train_dir(upstream('quantize', wc.key, 'train'), wc.seed)}/model.pt",
+        counted_code=lambda wc: PLAN["stages"]["quantize"][wc.key]["config"]["counted_code"],
+        code=code("quantize"),
+    output:
+        artifact="artifacts/quantize/{key}/seed{seed}/artifact.bin",
+        summary="artifacts/quantize/{key}/seed{seed}/summary.json",
+    params:
+        config=stage_config("quantize"),
+    log:
+        "logs/quantize/{key}/seed{seed}.log",
+    benchmark:
+        "benchmarks/quantize/{key}/seed{seed}.tsv"
+    shell:
+        "{PYTHON} -m stages.quantize --config {params.config:q} --checkpoint {input.checkpoint} "
+        "--out {output.artifact} --summary {output.summary} > {log} 2>&1"

@@ -1,0 +1,123 @@
+"""Document sources for the tokenize stage: the built-in python-docs corpus and text/jsonl/parquet files.
+
+A source yields documents (strings) in a deterministic order; the tokenize stage removes duplicates
+and short documents and splits off the held-out val set by hash.
+"""
+import contextlib
+import glob
+import importlib
+import inspect
+import io
+import json
+import pkgutil
+import sys
+import warnings
+from pathlib import Path
+
+# Modules whose import has side effects (opening a browser, printing, GUI) or that are test suites.
+SKIP_MODULES = {"antigravity", "this", "idlelib", "turtledemo", "turtle", "tkinter", "test",
+                "lib2to3", "ensurepip", "pydoc_data", "__hello__", "__phello__", "xxlimited"}
+
+
+def _quiet_import(name):
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except BaseException:  # a module may raise SystemExit or anything on import; it is just skipped
+        return None
+
+
+def stdlib_modules():
+    """Importable public standard-library modules and their public submodules, sorted by name."""
+    names = set()
+    for name in sys.stdlib_module_names:
+        if name.startswith("_") or name in SKIP_MODULES:
+            continue
+        module = _quiet_import(name)
+        if module is None:
+            continue
+        names.add(name)
+        for info in pkgutil.walk_packages(getattr(module, "__path__", []), prefix=name + "."):
+            parts = info.name.split(".")
+            if any(p.startswith("_") or p in SKIP_MODULES or p.startswith("test") for p in parts):
+                continue
+            names.add(info.name)
+    return [(n, m) for n in sorted(names) if (m := _quiet_import(n)) is not None]
+
+
+def _docstrings_of(module_name, module):
+    yield inspect.getdoc(module)
+    for attr in sorted(vars(module)):
+        value = getattr(module, attr, None)
+        if attr.startswith("_") or getattr(value, "__module__", None) != module_name:
+            continue
+        yield inspect.getdoc(value)
+        if inspect.isclass(value):
+            for member_name, member in sorted(vars(value).items()):
+                if not member_name.startswith("_") and (callable(member) or isinstance(member, property)):
+                    yield inspect.getdoc(member)
+
+
+def python_docs():
+    """English prose every Python install carries: stdlib docstrings, then pydoc_data's topics."""
+    for name, module in stdlib_modules():
+        for doc in _docstrings_of(name, module):
+            if doc:
+                yield doc
+    from pydoc_data import topics
+    for key in sorted(topics.topics):
+        yield topics.topics[key]
+
+
+def _txt_docs(path: Path, split: str):
+    text = path.read_text(encoding="utf-8")
+    if split == "file":
+        yield text
+    else:
+        yield from (block.strip() for block in text.split("\n\n"))
+
+
+def _jsonl_docs(path: Path, field: str):
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+            if field not in record:
+                raise ValueError(f"{path}:{line_no}: no '{field}' field (tokenize.files.text_field)")
+            yield record[field]
+
+
+def _parquet_docs(path: Path, field: str):
+    import pandas as pd
+    frame = pd.read_parquet(path)
+    if field not in frame.columns:
+        raise ValueError(f"{path}: no '{field}' column (tokenize.files.text_field); "
+                         f"columns are {list(frame.columns)}")
+    yield from frame[field].astype(str)
+
+
+def expand_paths(patterns) -> list[Path]:
+    """Files named by the globs, sorted within each pattern; a pattern that matches nothing is an error."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"tokenize.files.paths: {pattern!r} matches no file")
+        paths += [Path(m) for m in matches]
+    return paths
+
+
+def file_docs(paths, txt_split: str, text_field: str):
+    readers = {".txt": lambda p: _txt_docs(p, txt_split), ".jsonl": lambda p: _jsonl_docs(p, text_field),
+               ".parquet": lambda p: _parquet_docs(p, text_field)}
+    for path in paths:
+        reader = readers.get(path.suffix)
+        if reader is None:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .txt, .jsonl or .parquet)")
+        yield from reader(path)

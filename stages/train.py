@@ -1,0 +1,328 @@
+"""train: the challenge's baseline recipe on caddie's shards, on CPU or GPUs (torchrun).
+
+The global batch (batch_tokens per step) is fixed whatever the number of processes: it is split
+into `micro_batches` micro-batches spread over the ranks (gradient accumulation), as the challenge
+does. The warmdown follows the wallclock cap when one is set, else the iteration count. State is
+checkpointed under --resume-dir (not a declared output), so a killed run continues where it was.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from stages.curriculum import load_sampler
+from stages.io import atomic_path, read_json, write_json, write_text
+from stages.model import GPT, GPTConfig, param_groups
+from stages.muon import Muon
+from stages.shards import manifest_shards, read_shard
+
+
+class TokenStream:
+    """Reads shards in order and wraps around forever, as the challenge's loader does."""
+
+    def __init__(self, paths, vocab_size):
+        self.shards = [read_shard(p, vocab_size) for p in paths]
+        if not any(len(s) for s in self.shards):
+            raise ValueError(f"no training tokens in {[str(p) for p in paths]}")
+        self.shard, self.pos = 0, 0
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            tokens = self.shards[self.shard]
+            chunk = tokens[self.pos:self.pos + n]
+            parts.append(np.asarray(chunk))
+            n -= len(chunk)
+            self.pos += len(chunk)
+            if self.pos >= len(tokens):
+                self.shard, self.pos = (self.shard + 1) % len(self.shards), 0
+        return np.concatenate(parts)
+
+    def state_dict(self):
+        return {"shard": self.shard, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.shard, self.pos = state["shard"], state["pos"]
+
+
+class Batches:
+    """Each call yields this rank's (x, y) slice of one micro-batch of the fixed global batch."""
+
+    def __init__(self, stream, sampler, tokens, seq_len, rank, world_size):
+        self.stream, self.sampler, self.tokens = stream, sampler, tokens
+        self.seq_len, self.rank, self.world = seq_len, rank, world_size
+
+    def next(self, local_tokens: int, progress: float):
+        if self.sampler is None:  # contiguous spans, one per rank, as the challenge's loader
+            span = local_tokens + 1
+            chunk = self.stream.take(span * self.world)[self.rank * span:(self.rank + 1) * span]
+            local = torch.from_numpy(chunk.astype(np.int64))
+            return local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)
+        per_rank = local_tokens // self.seq_len
+        starts = self.sampler.sample(per_rank * self.world, progress)[self.rank * per_rank:][:per_rank]
+        seqs = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        seqs = torch.from_numpy(seqs)
+        return seqs[:, :-1], seqs[:, 1:]
+
+    def state_dict(self):
+        source = self.sampler if self.sampler is not None else self.stream
+        return source.state_dict()
+
+    def load_state_dict(self, state):
+        (self.sampler if self.sampler is not None else self.stream).load_state_dict(state)
+
+
+def lr_multiplier(step: int, elapsed_ms: float, cfg: dict) -> float:
+    """1 until the warmdown, then linear to 0: by iterations, or by the wallclock cap when set."""
+    warmdown = cfg["warmdown_iters"]
+    if warmdown <= 0:
+        return 1.0
+    if not cfg["max_seconds"]:
+        start = max(cfg["iterations"] - warmdown, 0)
+        return max((cfg["iterations"] - step) / warmdown, 0.0) if step >= start else 1.0
+    warmdown_ms = warmdown * elapsed_ms / max(step, 1)
+    remaining_ms = max(cfg["max_seconds"] * 1000 - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum(step: int, opt: dict) -> float:
+    frac = min(step / opt["muon_momentum_warmup_steps"], 1.0) if opt["muon_momentum_warmup_steps"] else 1.0
+    return (1 - frac) * opt["muon_momentum_warmup_start"] + frac * opt["muon_momentum"]
+
+
+def build_optimizers(model: GPT, opt: dict, fused: bool) -> list[torch.optim.Optimizer]:
+    groups = param_groups(model)
+    adam = dict(betas=(opt["beta1"], opt["beta2"]), eps=opt["adam_eps"], fused=fused)
+    embed_lr = opt["tied_embed_lr"] if model.config.tie_embeddings else opt["embed_lr"]
+    optimizers = [torch.optim.Adam([{"params": groups["embed"], "lr": embed_lr, "base_lr": embed_lr}], **adam),
+                  Muon(groups["matrix"], lr=opt["matrix_lr"], momentum=opt["muon_momentum"],
+                       backend_steps=opt["muon_backend_steps"]),
+                  torch.optim.Adam([{"params": groups["scalar"], "lr": opt["scalar_lr"],
+                                     "base_lr": opt["scalar_lr"]}], **adam)]
+    for group in optimizers[1].param_groups:
+        group["base_lr"] = opt["matrix_lr"]
+    if groups["head"]:
+        optimizers.append(torch.optim.Adam([{"params": groups["head"], "lr": opt["head_lr"],
+                                             "base_lr": opt["head_lr"]}], **adam))
+    return optimizers
+
+
+def init_distributed(device_name: str):
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; CPU ranks use gloo."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device: cuda requested but no CUDA device is available")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce_mean(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= world
+    return float(value)
+
+
+class Trainer:
+    def __init__(self, cfg, curriculum_cfg, manifest, curriculum_path, seed):
+        self.cfg, self.seed = cfg, seed
+        self.rank, self.world, self.device = init_distributed(cfg["device"])
+        if cfg["micro_batches"] % self.world:
+            raise ValueError(f"train.micro_batches: {cfg['micro_batches']} is not divisible by "
+                             f"{self.world} processes")
+        self.accum = cfg["micro_batches"] // self.world
+        self.local_tokens = cfg["batch_tokens"] // cfg["micro_batches"]
+        if cfg["batch_tokens"] % cfg["micro_batches"] or self.local_tokens % cfg["seq_len"]:
+            raise ValueError(f"train.batch_tokens: {cfg['batch_tokens']} must split into "
+                             f"{cfg['micro_batches']} micro-batches of whole {cfg['seq_len']}-token sequences")
+        seed_everything(seed)
+        vocab = read_json(manifest)["vocab_size"]
+        self.model = GPT(GPTConfig(vocab_size=vocab, **cfg["model"])).to(self.device)
+        self.ddp = DDP(self.model) if self.world > 1 else None
+        net = self.ddp or self.model
+        self.step_model = torch.compile(net) if cfg["compile"] else net
+        self.optimizers = build_optimizers(self.model, cfg["optimizer"], fused=self.device.type == "cuda")
+        paths = manifest_shards(manifest, "train")
+        sampler, tokens = None, None
+        if curriculum_cfg["enabled"]:
+            sampler = load_sampler(curriculum_path, curriculum_cfg["floor"], seed)
+            tokens = np.concatenate([np.asarray(read_shard(p, vocab)) for p in paths])
+        self.batches = Batches(TokenStream(paths, vocab), sampler, tokens, cfg["seq_len"], self.rank, self.world)
+        self.step, self.elapsed_ms, self.metrics = 0, 0.0, []
+
+    def progress(self) -> float:
+        if self.cfg["max_seconds"]:
+            return self.elapsed_ms / (self.cfg["max_seconds"] * 1000)
+        return self.step / self.cfg["iterations"]
+
+    def train_step(self) -> float:
+        lr_mul = lr_multiplier(self.step, self.elapsed_ms, self.cfg)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_mul
+        self.optimizers[1].param_groups[0]["momentum"] = muon_momentum(self.step, self.cfg["optimizer"])
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = self.batches.next(self.local_tokens, self.progress())
+            sync = self.ddp is None or micro == self.accum - 1
+            with (nullcontext() if sync else self.ddp.no_sync()), autocast:
+                loss = self.step_model(x.to(self.device), y.to(self.device))
+            (loss / self.accum).backward()
+            total += loss.detach() / self.accum
+        clip = self.cfg["optimizer"]["grad_clip_norm"]
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.lr_mul = lr_mul
+        return all_reduce_mean(total, self.world)
+
+    def prime(self):
+        """Run warmup_steps to compile kernels, then restore the initial state (outside the timer)."""
+        if not self.cfg["warmup_steps"]:
+            return
+        saved = copy.deepcopy({"model": self.model.state_dict(),
+                               "opt": [o.state_dict() for o in self.optimizers],
+                               "data": self.batches.state_dict()})
+        for _ in range(self.cfg["warmup_steps"]):
+            self.train_step()
+        self.model.load_state_dict(saved["model"])
+        for opt, state in zip(self.optimizers, saved["opt"]):
+            opt.load_state_dict(state)
+        self.batches.load_state_dict(saved["data"])
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "opt": [o.state_dict() for o in self.optimizers],
+                "data": self.batches.state_dict(), "step": self.step, "elapsed_ms": self.elapsed_ms,
+                "metrics": self.metrics}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        for opt, s in zip(self.optimizers, state["opt"]):
+            opt.load_state_dict(s)
+        self.batches.load_state_dict(state["data"])
+        self.step, self.elapsed_ms, self.metrics = state["step"], state["elapsed_ms"], state["metrics"]
+
+    def save_resume(self, resume_dir: Path):
+        if self.rank == 0:
+            resume_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(resume_dir / "state.pt") as tmp:
+                torch.save(self.state_dict(), tmp)
+
+    def load_resume(self, resume_dir: Path) -> bool:
+        path = resume_dir / "state.pt"
+        if not path.exists():
+            return False
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        return True
+
+    def reached_cap(self) -> bool:
+        over = torch.tensor(float(bool(self.cfg["max_seconds"]) and
+                                  self.elapsed_ms >= self.cfg["max_seconds"] * 1000))
+        if self.world > 1:
+            dist.all_reduce(over, op=dist.ReduceOp.MAX)
+        return bool(over)
+
+    def fit(self, resume_dir: Path):
+        resumed = self.load_resume(resume_dir)
+        if not resumed:
+            self.prime()
+        cfg = self.cfg
+        stopped_by = "iterations"
+        while self.step < cfg["iterations"]:
+            if self.reached_cap():
+                stopped_by = "wallclock"
+                break
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_ms = (time.perf_counter() - t0) * 1000
+            self.elapsed_ms += step_ms
+            self.step += 1
+            record = {"step": self.step, "loss": loss, "lr_mul": self.lr_mul,
+                      "tokens": self.step * cfg["batch_tokens"], "ms": round(self.elapsed_ms, 3),
+                      "step_ms": round(step_ms, 3)}
+            if not math.isfinite(loss):
+                last = self.metrics[-1] if self.metrics else None
+                raise FloatingPointError(f"train: loss is {loss} at step {self.step}; last good metrics: {last}")
+            if self.step % cfg["log_every"] == 0 or self.step == 1 or self.step == cfg["iterations"]:
+                self.metrics.append(record)
+                if self.rank == 0:
+                    print(json.dumps(record), flush=True)
+            if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
+                self.save_resume(resume_dir)
+        if self.metrics and self.metrics[-1]["step"] != self.step:
+            self.metrics.append(record)
+        return {"stopped_by": stopped_by, "resumed": resumed}
+
+    def write_outputs(self, out_dir: Path, info: dict, config: dict):
+        if self.rank != 0:
+            return
+        state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+        with atomic_path(out_dir / "model.pt") as tmp:
+            torch.save({"state_dict": state, "model_config": self.model.config.to_dict()}, tmp)
+        write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
+        seconds = self.elapsed_ms / 1000
+        tokens = self.step * self.cfg["batch_tokens"]
+        write_json(out_dir / "summary.json", {
+            "config": config, "seed": self.seed, "steps": self.step, "tokens": tokens,
+            "train_seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None,
+            "final_train_loss": self.metrics[-1]["loss"] if self.metrics else None,
+            "params": self.model.num_params(), "world_size": self.world, "device": str(self.device),
+            "grad_accum_steps": self.accum, **info})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help='{"train": ..., "curriculum": ...} as JSON')
+    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--curriculum", type=Path, help="bucket .npz (when the curriculum is enabled)")
+    parser.add_argument("--seed", required=True, type=int)
+    parser.add_argument("--out-dir", required=True, type=Path)
+    parser.add_argument("--resume-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    config = json.loads(args.config)
+    trainer = Trainer(config["train"], config["curriculum"], args.manifest, args.curriculum, args.seed)
+    start = time.time()
+    info = trainer.fit(args.resume_dir)
+    trainer.write_outputs(args.out_dir, {**info, "wall_seconds": round(time.time() - start, 3)}, config)
+    if trainer.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if trainer.rank == 0:
+        shutil.rmtree(args.resume_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

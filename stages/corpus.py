@@ -63,9 +63,10 @@ def _docstrings_of(module_name, module):
 def python_docs():
     """English prose every Python install carries: stdlib docstrings, then pydoc_data's topics."""
     for name, module in stdlib_modules():
-        for doc in _docstrings_of(name, module):
-            if doc:
-                yield doc
+        with warnings.catch_warnings():  # deprecated attributes warn when read
+            warnings.simplefilter("ignore")
+            docs = [doc for doc in _docstrings_of(name, module) if doc]
+        yield from docs
     from pydoc_data import topics
     for key in sorted(topics.topics):
         yield topics.topics[key]

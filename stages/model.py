@@ -80,11 +80,13 @@ class Rotary(nn.Module):
         self._key, self._cos, self._sin = None, None, None
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if self._key != (seq_len, device, dtype):
+        # Tables built under inference_mode cannot be used by autograd later (eval then train, as TTT does).
+        key = (seq_len, device, dtype, torch.is_inference_mode_enabled())
+        if self._key != key:
             t = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
             freqs = torch.outer(t, self.inv_freq.to(device))
             self._cos, self._sin = freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
-            self._key = (seq_len, device, dtype)
+            self._key = key
         return self._cos, self._sin
 
 

@@ -1,0 +1,88 @@
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+
+from stages import bpb, evaluate
+from stages.model import GPT, GPTConfig
+
+
+@pytest.mark.parametrize("n, seq_len, stride", list(itertools.product(
+    [2, 3, 17, 64, 65, 100, 1000], [1, 4, 16, 64], [1, 3, 4, 16, 64])))
+def test_every_target_is_scored_exactly_once(n, seq_len, stride):
+    if stride > seq_len:
+        with pytest.raises(ValueError, match="evaluate.stride"):
+            evaluate.scoring_windows(n, seq_len, stride)
+        return
+    counts = np.zeros(n, dtype=int)
+    for start, end, first in evaluate.scoring_windows(n, seq_len, stride):
+        assert 0 <= start < end <= n - 1 and end - start <= seq_len
+        assert start < first <= end  # the scored targets lie inside the window
+        counts[first:end + 1] += 1
+        # every scored target sees at least seq_len - stride tokens, or all tokens before it
+        assert first - start >= min(seq_len - stride + 1, first)
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+
+
+def tiny_model(vocab=64, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1))
+    with torch.no_grad():  # zero-initialised projections would make every position predict the same
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def flat_tables(vocab):
+    return bpb.ByteTables(np.ones(vocab, dtype=np.int16), np.zeros(vocab, bool), np.zeros(vocab, bool))
+
+
+def test_standard_score_equals_direct_cross_entropy():
+    model, tokens = tiny_model(), np.random.default_rng(0).integers(0, 64, 301)
+    got = evaluate.score(model, tokens, flat_tables(64), seq_len=50, stride=50, batch_seqs=4,
+                         device=torch.device("cpu"))
+    expected = 0.0
+    for s in range(0, 300, 50):
+        x = torch.tensor(tokens[s:s + 50])[None]
+        y = torch.tensor(tokens[s + 1:s + 51])[None]
+        expected += F.cross_entropy(model.forward_logits(x)[0], y[0], reduction="sum").item()
+    assert got["tokens"] == 300 and got["bytes"] == 300
+    assert got["loss_sum"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_sliding_with_stride_equal_to_seq_len_is_standard_and_more_context_helps_a_trained_pattern():
+    model, tokens = tiny_model(), np.random.default_rng(1).integers(0, 64, 257)
+    cpu = torch.device("cpu")
+    a = evaluate.score(model, tokens, flat_tables(64), 32, 32, 8, cpu)
+    b = evaluate.score(model, tokens, flat_tables(64), 32, 32, 3, cpu)
+    assert a["loss_sum"] == pytest.approx(b["loss_sum"], rel=1e-6)  # batching does not change results
+    c = evaluate.score(model, tokens, flat_tables(64), 32, 8, 8, cpu)
+    assert c["tokens"] == a["tokens"] == 256
+    assert c["loss_sum"] != pytest.approx(a["loss_sum"], rel=1e-9)  # contexts differ, so losses do
+
+
+def test_run_writes_the_result_json(tiny_data, tmp_path):
+    manifest = json.loads(tiny_data["manifest"].read_text())
+    model = tiny_model(vocab=manifest["vocab_size"])
+    ckpt = tmp_path / "model.pt"
+    torch.save({"state_dict": model.state_dict(), "model_config": model.config.to_dict()}, ckpt)
+    cfg = {"seq_len": 64, "stride": 16, "batch_seqs": 16, "device": "cpu", "point": "prequant"}
+    out = tmp_path / "sliding.json"
+    result = evaluate.run(cfg, "sliding", ckpt, tiny_data["manifest"], out)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["tokens"] == manifest["tokens"]["val"] - 1
+    assert result["raw_bytes"] == manifest["val_raw_bytes"]
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_data["dir"] / "tokenizer.model"))
+    from stages.shards import load_tokens, manifest_shards
+    val = load_tokens(manifest_shards(tiny_data["manifest"], "val"))
+    assert result["bytes"] == bpb.stream_bytes(bpb.build_byte_tables(sp), val)
+    assert result["val_bpb"] == pytest.approx(
+        result["loss_nats"] * result["tokens"] / (math.log(2) * result["bytes"]))
+    for key in ("point", "mode", "tokens", "bytes", "raw_bytes", "loss_nats", "val_bpb", "seconds"):
+        assert key in result

@@ -1,0 +1,102 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, tiny_train_config
+from stages import train
+
+
+def train_args(data, out, seed=1, curriculum=False, **overrides):
+    config = {"train": tiny_train_config(**overrides),
+              "curriculum": {"enabled": curriculum, "buckets": 4, "floor": 0.02}}
+    args = ["--config", json.dumps(config), "--manifest", str(data["manifest"]), "--seed", str(seed),
+            "--out-dir", str(out), "--resume-dir", str(out / "resume")]
+    return args + (["--curriculum", str(data["buckets"])] if curriculum else [])
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_outputs_are_complete(tiny_data, tmp_path):
+    train.main(train_args(tiny_data, tmp_path))
+    curve = losses(tmp_path)
+    assert curve[-1] < curve[0] - 1.0, curve
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["tokens"] == 30 * 1024
+    assert summary["tokens_per_second"] > 0 and summary["final_train_loss"] == curve[-1]
+    assert (tmp_path / "model.pt").exists() and not (tmp_path / "resume").exists()
+
+
+def test_same_seed_same_losses_and_seeds_differ(tiny_data, tmp_path):
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        train.main(train_args(tiny_data, tmp_path / name, seed=seed, iterations=10, log_every=1))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a") != losses(tmp_path / "c")
+
+
+def test_curriculum_training_learns(tiny_data, tmp_path):
+    train.main(train_args(tiny_data, tmp_path, curriculum=True))
+    curve = losses(tmp_path)
+    assert curve[-1] < curve[0] - 1.0
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path, monkeypatch):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train.main(train_args(tiny_data, straight, curriculum=True, log_every=1, checkpoint_every=10))
+    real_step = train.Trainer.train_step
+
+    def crash_at_25(self):
+        if self.step == 25:
+            raise KeyboardInterrupt("killed")
+        return real_step(self)
+
+    monkeypatch.setattr(train.Trainer, "train_step", crash_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(tiny_data, broken, curriculum=True, log_every=1, checkpoint_every=10))
+    assert (broken / "resume" / "state.pt").exists() and not (broken / "model.pt").exists()
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    train.main(train_args(tiny_data, broken, curriculum=True, log_every=1, checkpoint_every=10))
+    summary = json.loads((broken / "summary.json").read_text())
+    assert summary["resumed"] and summary["steps"] == 30
+    assert losses(broken) == losses(straight)
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_data, tmp_path, monkeypatch):
+    real_step = train.Trainer.train_step
+    monkeypatch.setattr(train.Trainer, "train_step",
+                        lambda self: float("nan") if self.step == 3 else real_step(self))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 4; last good metrics: \{.*'step': 3"):
+        train.main(train_args(tiny_data, tmp_path, log_every=1))
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_batch_must_split_into_whole_sequences(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="train.batch_tokens"):
+        train.main(train_args(tiny_data, tmp_path, batch_tokens=1000))
+
+
+def test_torchrun_two_cpu_processes_match_one_process(tiny_data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(train_args(tiny_data, one, micro_batches=2, iterations=10))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "stages.train", *train_args(tiny_data, two, micro_batches=2, iterations=10)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["grad_accum_steps"] == 1
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+
+
+def test_lr_multiplier_warmdown():
+    cfg = {"warmdown_iters": 10, "iterations": 100, "max_seconds": 0}
+    assert train.lr_multiplier(50, 0, cfg) == 1.0
+    assert train.lr_multiplier(95, 0, cfg) == pytest.approx(0.5)
+    wall = {"warmdown_iters": 10, "iterations": 10**6, "max_seconds": 10}
+    # 100 ms/step: the warmdown covers the last 1 s of the 10 s cap
+    assert train.lr_multiplier(50, 5000, wall) == 1.0
+    assert train.lr_multiplier(95, 9500, wall) == pytest.approx(0.5)

@@ -15,6 +15,7 @@ rule tokenize:
     output:
         manifest="artifacts/tokenize/{key}/manifest.json",
         tokenizer="artifacts/tokenize/{key}/tokenizer.model",
+        summary="artifacts/tokenize/{key}/summary.json",
     params:
         config=stage_config("tokenize"),
     log:

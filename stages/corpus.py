@@ -100,6 +100,9 @@ def _parquet_docs(path: Path, field: str):
     if field not in frame.columns:
         raise ValueError(f"{path}: no '{field}' column (tokenize.files.text_field); "
                          f"columns are {list(frame.columns)}")
+    missing = frame[field].isna()
+    if missing.any():
+        raise ValueError(f"{path}: row {int(missing.to_numpy().argmax())} has no text in column '{field}'")
     yield from frame[field].astype(str)
 
 

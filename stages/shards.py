@@ -72,10 +72,9 @@ def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
         return np.zeros(0, dtype=np.uint16)
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
     if vocab_size is not None:
-        top = int(tokens.max())
-        if top >= vocab_size:
+        if int(tokens.max()) >= vocab_size:
             where = int(np.argmax(tokens >= vocab_size))
-            raise ShardError(f"{path}: token id {top} at position {where} is outside the "
+            raise ShardError(f"{path}: token id {int(tokens[where])} at position {where} is outside the "
                              f"vocabulary of {vocab_size}")
     return tokens
 

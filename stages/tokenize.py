@@ -109,6 +109,8 @@ def tokenize_documents(cfg: dict, docs: list[str], out_dir: Path, tokenizer_out:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists() and dst.samefile(src):
+        return
     dst.unlink(missing_ok=True)
     try:
         os.link(src, dst)
@@ -164,10 +166,12 @@ def run(cfg: dict, out_dir: Path) -> dict:
               for split in ("train", "val")}
     manifest = {**info, "tokens": tokens, "bos_id": BOS_ID, "source": cfg["source"],
                 "tokenizer": {"file": "tokenizer.model", "sha256": sha256_file(out_dir / "tokenizer.model"),
-                              "settings": SP_SETTINGS if not (cfg["tokenizer_model"] or cfg["source"] == "challenge")
-                              else "given"},
+                              "settings": "given" if cfg["source"] == "challenge" or cfg["tokenizer_model"]
+                              else SP_SETTINGS},
                 "config": cfg, "seconds": round(time.time() - start, 3)}
     write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / "summary.json", {k: manifest[k] for k in (
+        "config", "source", "documents", "tokens", "vocab_size", "val_raw_bytes", "seconds")})
     return manifest
 
 

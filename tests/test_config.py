@@ -80,3 +80,12 @@ def test_stage_sources_follow_imports():
     sources = caddie.stage_sources("evaluate")
     assert {"stages/evaluate.py", "stages/model.py", "stages/bpb.py", "stages/pack.py"} <= set(sources)
     assert "stages/train.py" not in sources
+
+
+@pytest.mark.parametrize("preset", sorted((caddie.STAGES_DIR.parent / "presets").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_presets_merged_over_the_default_are_valid(preset):
+    import yaml
+    cfg = caddie.deep_merge(default_config(), yaml.safe_load(preset.read_text()))
+    caddie.validate(cfg, source=str(preset))
+    assert caddie.plan(cfg)["arms"]

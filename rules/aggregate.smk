@@ -16,6 +16,8 @@ rule aggregate:
         report=json.dumps(config["report"], sort_keys=True),
     log:
         "logs/aggregate.log",
+    benchmark:
+        "benchmarks/aggregate/aggregate.tsv"
     shell:
         "{PYTHON} -m stages.aggregate --runs {params.runs:q} --report {params.report:q} "
         "--out-dir reports > {log} 2>&1"

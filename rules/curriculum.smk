@@ -9,6 +9,8 @@ rule curriculum:
         config=stage_config("curriculum"),
     log:
         "logs/curriculum/{key}.log",
+    benchmark:
+        "benchmarks/curriculum/{key}.tsv"
     shell:
         "{PYTHON} -m stages.curriculum --config {params.config:q} --manifest {input.manifest} "
         "--out {output.buckets} --summary {output.summary} > {log} 2>&1"

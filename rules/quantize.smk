@@ -1,6 +1,7 @@
 rule quantize:
     input:
         checkpoint=lambda wc: f"{train_dir(upstream('quantize', wc.key, 'train'), wc.seed)}/model.pt",
+        manifest=lambda wc: manifest_path(upstream("train", upstream("quantize", wc.key, "train"), "tokenize")),
         counted_code=lambda wc: PLAN["stages"]["quantize"][wc.key]["config"]["counted_code"],
         code=code("quantize"),
     output:
@@ -14,4 +15,4 @@ rule quantize:
         "benchmarks/quantize/{key}/seed{seed}.tsv"
     shell:
         "{PYTHON} -m stages.quantize --config {params.config:q} --checkpoint {input.checkpoint} "
-        "--out {output.artifact} --summary {output.summary} > {log} 2>&1"
+        "--manifest {input.manifest} --seed {wildcards.seed} --out {output.artifact} --summary {output.summary} > {log} 2>&1"

@@ -173,6 +173,8 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim, dtype=torch.float32))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.lm_head = None if config.tie_embeddings else CastedLinear(config.model_dim, config.vocab_size, bias=False)
+        # The output head's input, as a module so that hooks (GPTQ's Hessians) see the tied head too.
+        self.head_input = nn.Identity()
         if self.lm_head is None:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=config.tied_embed_init_std)
         else:
@@ -196,7 +198,7 @@ class GPT(nn.Module):
             if i < len(self.skip_weights):
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
             x = block(x, x0)
-        x = rms_norm(x)
+        x = self.head_input(rms_norm(x))
         logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         cap = self.config.logit_softcap
         if cap > 0:

@@ -1,9 +1,10 @@
 """The artifact: a self-describing, compressed quantized model that loads back to a GPT.
 
-Layout: MAGIC, one byte naming the compressor, then the compressed payload. The payload is a
-little-endian u32 header length, a JSON header (model config, and per tensor its name, shape,
-storage and byte offsets), then the tensor bytes. Quantized tensors store int8 codes per row with
-one fp16 scale per row; small tensors stay in fp16 (fp32 for control tensors).
+Layout: MAGIC, one byte naming the compressor, one byte of flags (bit 0: byte-shuffled), then the
+compressed payload. The payload is a little-endian u32 header length, a JSON header (model config,
+and per tensor its name, shape, storage and byte offsets), then the tensor bytes. Quantized tensors
+store integer codes per row (bit-packed at their width, or one byte each) with one fp16 scale per
+row; small tensors stay in fp16 (fp32 for control tensors).
 """
 import json
 import lzma
@@ -14,6 +15,8 @@ import brotli
 import numpy as np
 import torch
 import zstandard
+
+from stages.rowquant import dequantize_rows
 
 MAGIC = b"CADDIE\x01"
 FORMAT = "caddie-artifact-v1"
@@ -31,19 +34,30 @@ class ArtifactError(ValueError):
     """An artifact that cannot be read; the message names the file."""
 
 
-def quantize_rows(w: torch.Tensor, bits: int, clip_percentile: float):
-    """Per-row symmetric round-to-nearest: int8 codes in [-qmax, qmax] and one fp16 scale per row."""
-    qmax = 2 ** (bits - 1) - 1
-    w = w.float()
-    clip = torch.quantile(w.abs(), clip_percentile / 100.0, dim=1) if clip_percentile < 100 \
-        else w.abs().amax(dim=1)
-    scale = (clip / qmax).clamp_min(1e-10).half()
-    q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
-    return q, scale
+def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes in [-(2^(bits-1)-1), 2^(bits-1)-1] as a tight bitstream of `bits` bits each."""
+    unsigned = (q.astype(np.int16).ravel() + (1 << (bits - 1))).astype(np.uint8)
+    return np.packbits(np.unpackbits(unsigned[:, None], axis=1)[:, 8 - bits:])
 
 
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()[:, None]
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    columns = np.unpackbits(packed)[:count * bits].reshape(count, bits)
+    padded = np.concatenate([np.zeros((count, 8 - bits), np.uint8), columns], axis=1)
+    return (np.packbits(padded, axis=1).ravel().astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+
+
+def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
+    """De-interleave bytes (all first bytes of each `stride`-byte word, then all second bytes, ...):
+    the high bytes of fp16 values are similar, so compressors find them once grouped."""
+    usable = len(data) - len(data) % stride
+    words = np.frombuffer(data[:usable], dtype=np.uint8).reshape(-1, stride)
+    return words.T.tobytes() + data[usable:]
+
+
+def byte_unshuffle(data: bytes, stride: int = 2) -> bytes:
+    usable = len(data) - len(data) % stride
+    planes = np.frombuffer(data[:usable], dtype=np.uint8).reshape(stride, -1)
+    return planes.T.tobytes() + data[usable:]
 
 
 def pack_tensors(tensors: list[dict], model_config: dict, meta: dict) -> bytes:
@@ -80,25 +94,36 @@ def unpack_tensors(payload: bytes):
     return header, tensors
 
 
-def compress(payload: bytes, compressor: str) -> bytes:
+def compress(payload: bytes, compressor: str, shuffle: bool = False) -> bytes:
     tag, fn, _ = COMPRESSORS[compressor]
-    return MAGIC + bytes([tag]) + fn(payload)
+    return MAGIC + bytes([tag, int(shuffle)]) + fn(byte_shuffle(payload) if shuffle else payload)
+
+
+def compress_smallest(payload: bytes, shuffle: bool = False) -> tuple[bytes, dict]:
+    """Every compressor's output size, and the smallest blob (the `auto` compressor)."""
+    blobs = {name: compress(payload, name, shuffle) for name in COMPRESSORS}
+    best = min(blobs, key=lambda name: len(blobs[name]))
+    return blobs[best], {name: len(b) for name, b in blobs.items()}
 
 
 def decompress(blob: bytes, source="artifact") -> bytes:
-    if not blob.startswith(MAGIC) or len(blob) <= len(MAGIC):
+    if not blob.startswith(MAGIC) or len(blob) <= len(MAGIC) + 1:
         raise ArtifactError(f"{source}: not a caddie artifact (bad magic)")
-    tag = blob[len(MAGIC)]
+    tag, flags = blob[len(MAGIC)], blob[len(MAGIC) + 1]
     if tag not in _BY_TAG:
         raise ArtifactError(f"{source}: unknown compressor tag {tag}")
-    return _BY_TAG[tag][1](blob[len(MAGIC) + 1:])
+    payload = _BY_TAG[tag][1](blob[len(MAGIC) + 2:])
+    return byte_unshuffle(payload) if flags & 1 else payload
 
 
 def state_dict_from_tensors(tensors) -> dict:
     state = {}
     for t in tensors:
         if t["kind"] == "rows":
-            w = dequantize_rows(torch.from_numpy(t["data"].copy()), torch.from_numpy(t["scale"].copy()))
+            codes = t["data"]
+            if t.get("container") == "packed":
+                codes = unpack_codes(codes, t["bits"], int(np.prod(t["shape"]))).reshape(t["shape"])
+            w = dequantize_rows(torch.from_numpy(codes.copy()), torch.from_numpy(t["scale"].copy()))
         else:
             w = torch.from_numpy(t["data"].copy()).float()
         state[t["name"]] = w.reshape(t["shape"])

@@ -50,3 +50,23 @@ def fixture_tokenizers():
     if not folder.is_dir():
         pytest.skip(f"{folder} is absent (it ships beside the project in CI, not in a user's clone)")
     return folder
+
+
+def tiny_quantize_config(**overrides) -> dict:
+    cfg = copy.deepcopy(default_config()["defaults"]["quantize"])
+    cfg["calibration"].update(batches=2, batch_seqs=8, seq_len=64)
+    cfg.update(keep_float_max_numel=1024, counted_code=["stages/model.py", "stages/pack.py"])
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data, tmp_path_factory):
+    """A 2-layer model trained 60 steps on the tiny corpus (loss well below ln(vocab))."""
+    from stages import train
+    out = tmp_path_factory.mktemp("train")
+    config = {"train": tiny_train_config(iterations=60, warmdown_iters=20),
+              "curriculum": {"enabled": False, "buckets": 4, "floor": 0.02}}
+    train.main(["--config", json.dumps(config), "--manifest", str(tiny_data["manifest"]), "--seed", "1",
+                "--out-dir", str(out), "--resume-dir", str(out / "resume")])
+    return out / "model.pt"

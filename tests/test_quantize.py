@@ -1,88 +1,129 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from stages import pack, quantize
-from stages.model import GPT, GPTConfig
-
-CFG = {"method": "rtn", "bits": 8, "clip_percentile": 99.99984, "keep_float_max_numel": 1024,
-       "compressor": "zlib", "cap_bytes": 16_000_000, "counted_code": ["stages/model.py", "stages/pack.py"]}
+from conftest import tiny_quantize_config
+from stages import pack, quantize, rowquant
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=128, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.05)
-    path = tmp_path / "model.pt"
-    torch.save({"state_dict": model.state_dict(), "model_config": model.config.to_dict()}, path)
-    return model.eval(), path
+def run(cfg, ckpt, data, tmp_path, name="artifact"):
+    return quantize.run(cfg, ckpt, data["manifest"], 1, tmp_path / f"{name}.bin", tmp_path / f"{name}.json")
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4])
-def test_quantize_rows_codes_and_error(bits):
+def test_round_to_nearest_codes_stay_in_range_within_half_a_step(bits):
     w = torch.randn(32, 256)
-    q, scale = pack.quantize_rows(w, bits, 100.0)
-    qmax = 2 ** (bits - 1) - 1
+    qmax = rowquant.qmax_of(bits)
+    scale = rowquant.percentile_scale(w, 100.0, qmax)
+    q = rowquant.round_to_nearest(w, scale, qmax)
     assert q.dtype == torch.int8 and q.abs().max() <= qmax and scale.dtype == torch.float16
-    err = (pack.dequantize_rows(q, scale) - w).abs().max(dim=1).values
-    assert (err <= scale.float() * 0.51 + 1e-3).all()  # round-to-nearest: within half a step
+    err = (rowquant.dequantize_rows(q, scale) - w).abs().max(dim=1).values
+    assert (err <= scale.float() * 0.51 + 1e-3).all()
 
 
-def test_percentile_clip_bounds_outliers():
+def test_percentile_clip_ignores_outliers_and_sdclip_follows_the_row_spread():
     w = torch.randn(4, 1000)
     w[:, 0] = 100.0
-    q, scale = pack.quantize_rows(w, 8, 99.0)
-    assert (scale.float() * 127 < 10).all()  # the clip ignores the outlier column
+    assert (rowquant.percentile_scale(w, 99.0, 127).float() * 127 < 10).all()
+    s = rowquant.sdclip_scale(torch.randn(3, 4096) * torch.tensor([[1.0], [2.0], [4.0]]), 12.0, 31).float()
+    assert s[1] / s[0] == pytest.approx(2, rel=0.1) and s[2] / s[0] == pytest.approx(4, rel=0.1)
 
 
-@pytest.mark.parametrize("compressor", sorted(pack.COMPRESSORS))
-def test_artifact_round_trip_gives_a_working_model(checkpoint, tmp_path, compressor):
-    model, path = checkpoint
-    cfg = {**CFG, "compressor": compressor}
-    summary = quantize.run(cfg, path, tmp_path / "artifact.bin", tmp_path / "summary.json")
+@pytest.mark.parametrize("compressor", sorted(pack.COMPRESSORS) + ["auto"])
+def test_artifact_round_trip_gives_a_working_model(tiny_checkpoint, tiny_data, tmp_path, compressor):
+    summary = run(tiny_quantize_config(compressor=compressor), tiny_checkpoint, tiny_data, tmp_path)
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
     loaded = pack.load_model(tmp_path / "artifact.bin")
-    x = torch.randint(0, 128, (2, 16))
-    with torch.no_grad():
-        ref, got = model.forward_logits(x), loaded.forward_logits(x)
-    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    for name, w in loaded.state_dict().items():
+        assert (w - ckpt["state_dict"][name]).norm() <= 0.02 * ckpt["state_dict"][name].norm() + 1e-6, name
     assert summary["model_bytes"] == (tmp_path / "artifact.bin").stat().st_size
-    code = sum((quantize.Path(p)).stat().st_size for p in CFG["counted_code"])
-    assert summary["code_bytes"] == code
-    assert summary["total_bytes"] == summary["model_bytes"] + code
-    assert summary["headroom_bytes"] == cfg["cap_bytes"] - summary["total_bytes"]
-    assert json.loads((tmp_path / "summary.json").read_text())["compressor"] == compressor
+    assert summary["total_bytes"] == summary["model_bytes"] + summary["code_bytes"]
+    assert summary["headroom_bytes"] == 16_000_000 - summary["total_bytes"]
+    assert summary["calibration_loss"] < summary["uniform_loss"] - 1
+    if compressor == "auto":
+        assert summary["model_bytes"] == min(summary["compressed_sizes"].values())
     kinds = {t["name"]: t["kind"] for t in summary["tensors"]}
     assert kinds["tok_emb.weight"] == "rows" and kinds["blocks.0.attn.q_gain"] == "float"
 
 
-def test_fewer_bits_cost_fewer_bytes_and_more_error(checkpoint, tmp_path):
-    _, path = checkpoint
-    s8 = quantize.run(CFG, path, tmp_path / "a8.bin", tmp_path / "s8.json")
-    s4 = quantize.run({**CFG, "bits": 4}, path, tmp_path / "a4.bin", tmp_path / "s4.json")
+@pytest.mark.parametrize("container, shuffle", [("packed", False), ("bytes", False), ("packed", True)])
+def test_packed_artifact_round_trips_bit_exactly(tiny_checkpoint, tmp_path, container, shuffle):
+    cfg = tiny_quantize_config(bits=6, code_container=container, byte_shuffle=shuffle)
+    state = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
+    stored = [quantize.quantize_tensor(n, w, cfg)[0] for n, w in state.items()]
+    blob = pack.compress(pack.pack_tensors(stored, {"vocab_size": 512}, {}), "zstd", shuffle)
+    header, back = pack.unpack_tensors(pack.decompress(blob))
+    for a, b in zip(stored, back):
+        assert a["name"] == b["name"] and np.array_equal(a["data"], b["data"])
+        if "scale" in a:
+            assert np.array_equal(a["scale"], b["scale"])
+    codes = [t for t in stored if t["kind"] == "rows"]
+    assert codes and all(t["container"] == container for t in codes)
+    if container == "packed":
+        assert all(t["data"].nbytes == -(-np.prod(t["shape"]) * 6 // 8) for t in codes)
+
+
+def test_fewer_bits_cost_fewer_bytes_and_more_error(tiny_checkpoint, tiny_data, tmp_path):
+    s8 = run(tiny_quantize_config(), tiny_checkpoint, tiny_data, tmp_path, "a8")
+    s4 = run(tiny_quantize_config(bits=4), tiny_checkpoint, tiny_data, tmp_path, "a4")
     assert s4["model_bytes"] < s8["model_bytes"]
     assert s4["max_rel_error"] > s8["max_rel_error"] > 0
 
 
-def test_over_the_cap_fails_loudly_and_keeps_the_previous_artifact(checkpoint, tmp_path):
-    _, path = checkpoint
-    out, summary = tmp_path / "artifact.bin", tmp_path / "summary.json"
-    quantize.run(CFG, path, out, summary)
-    good = out.read_bytes()
-    with pytest.raises(quantize.OverCapError, match=r"over quantize.cap_bytes = 1,000"):
-        quantize.run({**CFG, "cap_bytes": 1000, "bits": 6}, path, out, summary)
-    assert out.read_bytes() == good
-    assert json.loads(summary.read_text())["bits"] == 8
+def test_embedding_gets_its_own_bits(tiny_checkpoint, tiny_data, tmp_path):
+    s = run(tiny_quantize_config(bits=5, embed_bits=8), tiny_checkpoint, tiny_data, tmp_path)
+    bits = {t["name"]: t["bits"] for t in s["tensors"] if t["kind"] == "rows"}
+    assert bits.pop("tok_emb.weight") == 8 and set(bits.values()) == {5}
 
 
-def test_missing_counted_code_file_is_named(checkpoint, tmp_path):
-    _, path = checkpoint
+def test_over_the_cap_fails_loudly_and_keeps_the_previous_artifact(tiny_checkpoint, tiny_data, tmp_path):
+    run(tiny_quantize_config(), tiny_checkpoint, tiny_data, tmp_path)
+    good = (tmp_path / "artifact.bin").read_bytes()
+    with pytest.raises(quantize.QuantizationError, match=r"over quantize.cap_bytes = 1,000"):
+        run(tiny_quantize_config(cap_bytes=1000, bits=6), tiny_checkpoint, tiny_data, tmp_path)
+    assert (tmp_path / "artifact.bin").read_bytes() == good
+    assert json.loads((tmp_path / "artifact.json").read_text())["bits"] == 8
+
+
+def test_guard_fires_on_a_broken_quantizer(tiny_checkpoint, tiny_data, tmp_path, monkeypatch):
+    # A quantizer whose scales are far too large rounds every weight to 0: a uniform predictor.
+    monkeypatch.setattr(rowquant, "percentile_scale", lambda w, p, qmax: torch.full((w.size(0),), 1e4).half())
+    with pytest.raises(quantize.QuantizationError, match="within 0.1 of ln\\(vocab\\)"):
+        run(tiny_quantize_config(max_rel_error=10.0), tiny_checkpoint, tiny_data, tmp_path)
+    assert not (tmp_path / "artifact.bin").exists()
+
+
+def test_guard_fires_on_a_tensor_error_above_the_bound(tiny_checkpoint, tiny_data, tmp_path):
+    with pytest.raises(quantize.QuantizationError, match="quantize.max_rel_error = 0.001"):
+        run(tiny_quantize_config(bits=3, max_rel_error=0.001), tiny_checkpoint, tiny_data, tmp_path)
+
+
+def test_minified_code_accounting_counts_less_than_raw():
+    raw = quantize.counted_code(["stages/model.py", "stages/pack.py"], "raw")
+    small = quantize.counted_code(["stages/model.py", "stages/pack.py"], "minified")
+    assert raw["bytes"] == raw["raw_bytes"] == sum(raw["files"].values())
+    assert small["raw_bytes"] == raw["bytes"] and small["bytes"] < raw["bytes"] / 2
+
+
+def test_missing_counted_code_file_is_named(tiny_checkpoint, tiny_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="quantize.counted_code: nope.py"):
-        quantize.run({**CFG, "counted_code": ["nope.py"]}, path, tmp_path / "a.bin", tmp_path / "s.json")
+        run(tiny_quantize_config(counted_code=["nope.py"]), tiny_checkpoint, tiny_data, tmp_path)
+
+
+def test_calibration_is_train_tokens_or_self_generated(tiny_checkpoint, tiny_data):
+    cal = tiny_quantize_config()["calibration"]
+    from stages.shards import load_tokens, manifest_shards
+    train = load_tokens(manifest_shards(tiny_data["manifest"], "train")).tobytes()
+    batches = quantize.train_calibration(tiny_data["manifest"], cal, seed=1)
+    assert len(batches) == 2 and batches[0].shape == (8, 64)
+    assert all(np.asarray(row, dtype=np.uint16).tobytes() in train for row in batches[0])
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    model = quantize.GPT(quantize.GPTConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    generated = quantize.generated_calibration(model.eval(), {**cal, "seq_len": 16}, seed=1)
+    assert generated[0].shape == (8, 16) and (generated[0][:, 0] == 1).all()
 
 
 def test_not_an_artifact_is_named(tmp_path):

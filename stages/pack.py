@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import zstandard
 
+from stages import storage
 from stages.rowquant import dequantize_rows
 
 MAGIC = b"CADDIE\x01"
@@ -61,17 +62,17 @@ def byte_unshuffle(data: bytes, stride: int = 2) -> bytes:
 
 
 def pack_tensors(tensors: list[dict], model_config: dict, meta: dict) -> bytes:
-    """tensors: [{"name", "kind": "rows"|"float", "data": ndarray, "scale": ndarray?, ...}]."""
+    """tensors: [{"name", "kind", "shape", ...}]; every ndarray field is stored as raw bytes."""
     blobs, entries, offset = [], [], 0
     for t in tensors:
-        entry = {k: v for k, v in t.items() if k not in ("data", "scale")}
-        for field in ("data", "scale"):
-            if field in t:
-                raw = np.ascontiguousarray(t[field]).tobytes()
-                entry[field] = {"offset": offset, "nbytes": len(raw), "dtype": str(t[field].dtype),
-                                "shape": list(t[field].shape)}
-                blobs.append(raw)
-                offset += len(raw)
+        entry = {k: v for k, v in t.items() if not isinstance(v, np.ndarray)}
+        entry["arrays"] = {}
+        for field, value in sorted((k, v) for k, v in t.items() if isinstance(v, np.ndarray)):
+            raw = np.ascontiguousarray(value).tobytes()
+            entry["arrays"][field] = {"offset": offset, "nbytes": len(raw), "dtype": str(value.dtype),
+                                      "shape": list(value.shape)}
+            blobs.append(raw)
+            offset += len(raw)
         entries.append(entry)
     header = json.dumps({"format": FORMAT, "model_config": model_config, "meta": meta,
                          "tensors": entries}, sort_keys=True).encode()
@@ -84,12 +85,10 @@ def unpack_tensors(payload: bytes):
     body = memoryview(payload)[4 + length:]
     tensors = []
     for entry in header["tensors"]:
-        t = dict(entry)
-        for field in ("data", "scale"):
-            if field in entry:
-                spec = entry[field]
-                raw = body[spec["offset"]:spec["offset"] + spec["nbytes"]]
-                t[field] = np.frombuffer(raw, dtype=spec["dtype"]).reshape(spec["shape"])
+        t = {k: v for k, v in entry.items() if k != "arrays"}
+        for field, spec in entry["arrays"].items():
+            raw = body[spec["offset"]:spec["offset"] + spec["nbytes"]]
+            t[field] = np.frombuffer(raw, dtype=spec["dtype"]).reshape(spec["shape"])
         tensors.append(t)
     return header, tensors
 
@@ -116,18 +115,56 @@ def decompress(blob: bytes, source="artifact") -> bytes:
     return byte_unshuffle(payload) if flags & 1 else payload
 
 
+# Integer-code fields of a "rows" entry and the entry key that holds their bit width.
+CODE_FIELDS = {"data": "bits", "lqer_a": "lqer_bits", "lqer_b": "lqer_bits"}
+
+
+def code_shape(t: dict, field: str) -> tuple[int, int]:
+    rows, cols = t["shape"]
+    return {"data": (rows, cols), "lqer_a": (rows, t.get("lqer_rank")), "lqer_b": (t.get("lqer_rank"), cols)}[field]
+
+
+def with_packed_codes(t: dict) -> dict:
+    """The entry with its integer codes bit-packed at their width (a copy; other kinds unchanged)."""
+    if t["kind"] != "rows" or t["container"] == "packed":
+        return t
+    packed = dict(t, container="packed")
+    for field, bits in CODE_FIELDS.items():
+        if field in t:
+            packed[field] = pack_codes(t[field], t[bits])
+    return packed
+
+
+def codes(t: dict, field: str) -> torch.Tensor:
+    shape = code_shape(t, field)
+    values = t[field]
+    if t.get("container") == "packed":
+        values = unpack_codes(values, t[CODE_FIELDS[field]], shape[0] * shape[1])
+    return torch.from_numpy(np.array(values, dtype=np.int8).reshape(shape))
+
+
+def stored_bytes(t: dict) -> int:
+    return sum(v.nbytes for v in t.values() if isinstance(v, np.ndarray))
+
+
+def reconstruct(t: dict) -> torch.Tensor:
+    """The fp32 tensor a stored entry stands for."""
+    if t["kind"] == "rows":
+        w = dequantize_rows(codes(t, "data"), torch.from_numpy(t["scale"].copy()))
+        if "lqer_a" in t:  # LQER's low-rank correction of the quantization error
+            a = dequantize_rows(codes(t, "lqer_a"), torch.from_numpy(t["lqer_a_scale"].copy()))
+            w = w + a @ dequantize_rows(codes(t, "lqer_b"), torch.from_numpy(t["lqer_b_scale"].copy()))
+    elif t["kind"] == "float":
+        w = torch.from_numpy(t["data"].copy()).float()
+    elif t["kind"] in storage.DECODERS:
+        w = storage.DECODERS[t["kind"]](t)
+    else:
+        raise ArtifactError(f"tensor {t['name']}: unknown storage kind {t['kind']!r}")
+    return w.reshape(t["shape"])
+
+
 def state_dict_from_tensors(tensors) -> dict:
-    state = {}
-    for t in tensors:
-        if t["kind"] == "rows":
-            codes = t["data"]
-            if t.get("container") == "packed":
-                codes = unpack_codes(codes, t["bits"], int(np.prod(t["shape"]))).reshape(t["shape"])
-            w = dequantize_rows(torch.from_numpy(codes.copy()), torch.from_numpy(t["scale"].copy()))
-        else:
-            w = torch.from_numpy(t["data"].copy()).float()
-        state[t["name"]] = w.reshape(t["shape"])
-    return state
+    return {t["name"]: reconstruct(t) for t in tensors}
 
 
 def load_artifact(path):

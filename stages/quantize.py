@@ -66,11 +66,7 @@ def quantize_matrix(name: str, w: torch.Tensor, cfg: dict, hessian) -> tuple[dic
     else:
         q = rowquant.round_to_nearest(w, scale, qmax)
     stored = {"name": name, "kind": "rows", "shape": list(w.shape), "bits": bits, "method": method,
-              "scale": scale.numpy()}
-    if cfg["code_container"] == "packed" and bits < 8:
-        stored.update(container="packed", data=pack.pack_codes(q.numpy(), bits))
-    else:
-        stored.update(container="bytes", data=q.numpy())
+              "scale": scale.numpy(), "data": q.numpy(), "container": "bytes"}
     return stored, rowquant.dequantize_rows(q, scale)
 
 
@@ -88,9 +84,9 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float((w.float() - w_hat).norm() / norm) if norm > 0 else 0.0
 
 
-def tensor_report(name, w, stored, w_hat) -> dict:
+def tensor_report(name, w, stored, w_hat, cfg) -> dict:
     bits = stored.get("bits", 8 * stored["data"].itemsize)
-    nbytes = stored["data"].nbytes + (stored["scale"].nbytes if "scale" in stored else 0)
+    nbytes = pack.stored_bytes(pack.with_packed_codes(stored) if cfg["code_container"] == "packed" else stored)
     return {"name": name, "shape": list(w.shape), "numel": w.numel(), "kind": stored["kind"],
             "method": stored.get("method"),
             "group": tensor_group(name), "bits": bits, "rel_error": relative_error(w, w_hat),
@@ -149,6 +145,74 @@ def counted_code(paths, accounting: str) -> dict:
             "bytes": len(wrapper.encode())}
 
 
+def add_lqer(entries: list[dict], weights: dict, lqer: dict) -> list[str]:
+    """LQER: a rank-r correction A·B of the quantization error E = W − Ŵ of the top-k tensors by ‖E‖,
+    with A and B quantized per row at factor_bits. Returns the corrected tensors' names."""
+    rows = [e for e in entries if e["kind"] == "rows"]
+    errors = {e["name"]: weights[e["name"]].float() - pack.reconstruct(e) for e in rows}
+    top = sorted(rows, key=lambda e: -float(errors[e["name"]].norm()))[:lqer["top_k"]]
+    qmax = rowquant.qmax_of(lqer["factor_bits"])
+    for entry in top:
+        u, s, vh = torch.linalg.svd(errors[entry["name"]], full_matrices=False)
+        r = min(lqer["rank"], len(s))
+        for field, factor in (("lqer_a", u[:, :r] * s[:r]), ("lqer_b", vh[:r])):
+            scale = rowquant.percentile_scale(factor, 100.0, qmax)
+            entry[field] = rowquant.round_to_nearest(factor, scale, qmax).numpy()
+            entry[f"{field}_scale"] = scale.numpy()
+        entry.update(lqer_rank=r, lqer_bits=lqer["factor_bits"])
+    return [e["name"] for e in top]
+
+
+def serialize(entries: list[dict], model_config: dict, cfg: dict) -> tuple[bytes, dict]:
+    """Pack codes at their width when asked, then compress: the artifact's bytes."""
+    packed = [pack.with_packed_codes(e) if cfg["code_container"] == "packed" else e for e in entries]
+    payload = pack.pack_tensors(packed, model_config, {"method": cfg["method"], "bits": cfg["bits"]})
+    if cfg["compressor"] == "auto":
+        return pack.compress_smallest(payload, cfg["byte_shuffle"])
+    blob = pack.compress(payload, cfg["compressor"], cfg["byte_shuffle"])
+    return blob, {cfg["compressor"]: len(blob)}
+
+
+def prune_to_target(entries, hessians, model_config, cfg, budget: int) -> dict:
+    """Zero the ±1 codes of least Hessian-weighted importance (scale² · H_jj) until the compressed
+    model fits `budget` bytes, by binary search on their count, as the records do."""
+    candidates = []
+    for i, e in enumerate(entries):
+        if e["kind"] != "rows":
+            continue
+        q = torch.from_numpy(e["data"])
+        rows, cols = torch.nonzero(q.abs() == 1, as_tuple=True)
+        h = hessians.get(e["name"])
+        h_diag = torch.diag(h)[cols] if h is not None else torch.ones(len(cols))
+        importance = torch.from_numpy(e["scale"]).float()[rows] ** 2 * h_diag
+        candidates.append((importance, torch.full_like(rows, i), rows, cols))
+    importance, which, rows, cols = (torch.cat(t) for t in zip(*candidates))
+    order = torch.argsort(importance)
+    original = {i: entries[i]["data"] for i in set(which.tolist())}
+
+    def size_with(n):
+        for i, data in original.items():
+            entries[i]["data"] = data
+        pruned = {i: data.copy() for i, data in original.items()}
+        for k in order[:n].tolist():
+            pruned[int(which[k])][rows[k], cols[k]] = 0
+        for i, data in pruned.items():
+            entries[i]["data"] = data
+        return len(serialize(entries, model_config, cfg)[0])
+
+    lo, hi = 0, len(order)
+    if size_with(hi) > budget:
+        raise QuantizationError(f"quantize.size_target: even zeroing all {hi:,} ±1 codes leaves the model over "
+                                f"{budget:,} bytes")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if size_with(mid) <= budget else (mid + 1, hi)
+    size_with(lo)
+    return {"pruned_codes": lo, "candidates": len(order), "quantized_weights": sum(
+        e["data"].size for e in entries if e["kind"] == "rows"),
+        "importance_given_up": float(importance[order[:lo]].sum())}
+
+
 def check_quantized_model(state, model_config, batch, cfg, reports, checkpoint) -> dict:
     """Guards: per-tensor error bound, and loss clearly better than a uniform predictor."""
     worst = max(reports, key=lambda r: r["rel_error"])
@@ -177,29 +241,32 @@ def run(cfg: dict, checkpoint: Path, manifest: Path, seed: int, out: Path, summa
     t0 = time.time()
     hessians = gptq.collect_hessians(model, batches, torch.device("cpu")) if needs_hessian else {}
     hessian_seconds = time.time() - t0
-    stored, reports, state = [], [], {}
-    for name, w in ckpt["state_dict"].items():
-        entry, w_hat = quantize_tensor(name, w, cfg, hessians.get(name))
-        stored.append(entry)
-        reports.append(tensor_report(name, w, entry, w_hat))
-        state[name] = w_hat.reshape(w.shape)
+    entries = [quantize_tensor(name, w, cfg, hessians.get(name))[0] for name, w in ckpt["state_dict"].items()]
+    lqer = add_lqer(entries, ckpt["state_dict"], cfg["lqer"]) if cfg["lqer"]["rank"] else []
     quantize_seconds = time.time() - t0 - hessian_seconds
+    code = counted_code(cfg["counted_code"], cfg["code_accounting"])
+    blob, sizes = serialize(entries, ckpt["model_config"], cfg)
+    pruning = None
+    if cfg["size_target"]["enabled"]:
+        target = cfg["size_target"]["bytes"] or cfg["cap_bytes"]
+        before = len(blob)
+        if before + code["bytes"] > target:
+            pruning = prune_to_target(entries, hessians, ckpt["model_config"], cfg, target - code["bytes"])
+            blob, sizes = serialize(entries, ckpt["model_config"], cfg)
+        pruning = {**(pruning or {"pruned_codes": 0}), "target_bytes": target, "model_bytes_before": before}
+    # Everything below is measured on what the artifact decodes to, not on in-memory copies.
+    _, decoded = pack.unpack_tensors(pack.decompress(blob))
+    state = pack.state_dict_from_tensors(decoded)
+    reports = [tensor_report(n, w, e, state[n], cfg) for (n, w), e in zip(ckpt["state_dict"].items(), entries)]
     guard = check_quantized_model(state, ckpt["model_config"], batches[0], cfg, reports, checkpoint)
     guard["prequant_calibration_loss"] = batch_loss(model, batches[0])
-    payload = pack.pack_tensors(stored, ckpt["model_config"], {"method": cfg["method"], "bits": cfg["bits"]})
-    if cfg["compressor"] == "auto":
-        blob, sizes = pack.compress_smallest(payload, cfg["byte_shuffle"])
-    else:
-        blob = pack.compress(payload, cfg["compressor"], cfg["byte_shuffle"])
-        sizes = {cfg["compressor"]: len(blob)}
-    code = counted_code(cfg["counted_code"], cfg["code_accounting"])
     total = len(blob) + code["bytes"]
     quantized = [r for r in reports if r["kind"] == "rows"]
     summary = {
         "config": cfg, "checkpoint": str(checkpoint), "bits": cfg["bits"], "compressor": cfg["compressor"],
-        "compressed_sizes": sizes, "model_bytes": len(blob), "payload_bytes": len(payload),
+        "compressed_sizes": sizes, "model_bytes": len(blob),
         "code_bytes": code["bytes"], "code": code, "total_bytes": total, "cap_bytes": cfg["cap_bytes"],
-        "headroom_bytes": cfg["cap_bytes"] - total, **guard,
+        "headroom_bytes": cfg["cap_bytes"] - total, **guard, "lqer_tensors": lqer, "size_target": pruning,
         "max_rel_error": max(r["rel_error"] for r in reports),
         "bits_per_weight": 8 * len(blob) / sum(r["numel"] for r in reports),
         "quantized_params": sum(r["numel"] for r in quantized),

@@ -49,20 +49,57 @@ def test_artifact_round_trip_gives_a_working_model(tiny_checkpoint, tiny_data, t
 
 
 @pytest.mark.parametrize("container, shuffle", [("packed", False), ("bytes", False), ("packed", True)])
-def test_packed_artifact_round_trips_bit_exactly(tiny_checkpoint, tmp_path, container, shuffle):
-    cfg = tiny_quantize_config(bits=6, code_container=container, byte_shuffle=shuffle)
+def test_packed_artifact_round_trips_bit_exactly(tiny_checkpoint, container, shuffle):
+    cfg = tiny_quantize_config(bits=6, code_container=container, byte_shuffle=shuffle, compressor="zstd",
+                               lqer={"rank": 2, "top_k": 2, "factor_bits": 4})
     state = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
-    stored = [quantize.quantize_tensor(n, w, cfg)[0] for n, w in state.items()]
-    blob = pack.compress(pack.pack_tensors(stored, {"vocab_size": 512}, {}), "zstd", shuffle)
-    header, back = pack.unpack_tensors(pack.decompress(blob))
-    for a, b in zip(stored, back):
-        assert a["name"] == b["name"] and np.array_equal(a["data"], b["data"])
-        if "scale" in a:
+    entries = [quantize.quantize_tensor(n, w, cfg)[0] for n, w in state.items()]
+    assert len(quantize.add_lqer(entries, state, cfg["lqer"])) == 2
+    blob, _ = quantize.serialize(entries, {"vocab_size": 512}, cfg)
+    _, back = pack.unpack_tensors(pack.decompress(blob))
+    for a, b in zip(entries, back):
+        assert a["name"] == b["name"] and b.get("container", container) == container
+        if a["kind"] == "rows":
+            for field in ("data", "lqer_a", "lqer_b"):
+                if field in a:
+                    assert np.array_equal(pack.codes(a, field), pack.codes(b, field)), (a["name"], field)
             assert np.array_equal(a["scale"], b["scale"])
-    codes = [t for t in stored if t["kind"] == "rows"]
-    assert codes and all(t["container"] == container for t in codes)
+            assert torch.equal(pack.reconstruct(a), pack.reconstruct(b))
+        else:
+            assert np.array_equal(a["data"], b["data"])
+    rows = [b for b in back if b["kind"] == "rows"]
     if container == "packed":
-        assert all(t["data"].nbytes == -(-np.prod(t["shape"]) * 6 // 8) for t in codes)
+        assert all(b["data"].nbytes == -(-np.prod(b["shape"]) * 6 // 8) for b in rows)
+    else:
+        assert all(b["data"].nbytes == np.prod(b["shape"]) for b in rows)
+
+
+def test_lqer_lowers_the_error_of_the_corrected_tensors_and_costs_bytes(tiny_checkpoint, tiny_data, tmp_path):
+    plain = run(tiny_quantize_config(bits=4), tiny_checkpoint, tiny_data, tmp_path, "plain")
+    lqer = run(tiny_quantize_config(bits=4, lqer={"rank": 4, "top_k": 3, "factor_bits": 4}),
+               tiny_checkpoint, tiny_data, tmp_path, "lqer")
+    assert len(lqer["lqer_tensors"]) == 3 and plain["lqer_tensors"] == []
+    before = {t["name"]: t["rel_error"] for t in plain["tensors"]}
+    for t in lqer["tensors"]:
+        if t["name"] in lqer["lqer_tensors"]:
+            assert t["rel_error"] < before[t["name"]]
+    assert lqer["model_bytes"] > plain["model_bytes"]
+
+
+def test_size_target_prunes_least_important_codes_to_fit(tiny_checkpoint, tiny_data, tmp_path):
+    sdclip = {"bits": 6, "clip": "sdclip"}  # coarse steps, as the records use: many ±1 codes
+    free = run(tiny_quantize_config(**sdclip, size_target={"enabled": True, "bytes": None}),
+               tiny_checkpoint, tiny_data, tmp_path, "free")
+    assert free["size_target"]["pruned_codes"] == 0  # already under the cap: nothing given up
+    target = free["total_bytes"] - 2000
+    tight = run(tiny_quantize_config(**sdclip, size_target={"enabled": True, "bytes": target}),
+                tiny_checkpoint, tiny_data, tmp_path, "tight")
+    assert tight["total_bytes"] <= target < free["total_bytes"]
+    assert 0 < tight["size_target"]["pruned_codes"] < tight["size_target"]["candidates"]
+    assert tight["max_rel_error"] > free["max_rel_error"]
+    with pytest.raises(quantize.QuantizationError, match="quantize.size_target"):
+        run(tiny_quantize_config(**sdclip, size_target={"enabled": True, "bytes": 5000}),
+            tiny_checkpoint, tiny_data, tmp_path, "impossible")
 
 
 def test_fewer_bits_cost_fewer_bytes_and_more_error(tiny_checkpoint, tiny_data, tmp_path):

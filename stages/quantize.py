@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages import gptq, pack, rowquant
+from stages import gptq, pack, rowquant, storage
 from stages.io import write_bytes, write_json
 from stages.model import GPT, GPTConfig, is_control_tensor
 from stages.shards import load_tokens, manifest_shards
@@ -55,7 +55,30 @@ def row_scale(name: str, w: torch.Tensor, qmax: int, cfg: dict, hessian) -> torc
     return scale
 
 
-def quantize_matrix(name: str, w: torch.Tensor, cfg: dict, hessian) -> tuple[dict, torch.Tensor]:
+def stored_form(name: str, w: torch.Tensor, cfg: dict, sensitivity) -> tuple[dict, torch.Tensor] | None:
+    """A block matrix in one of the seed PRs' storage forms (round-to-nearest codes), or None for dense."""
+    form = cfg["storage"]["form"]
+    if form == "dense" or tensor_group(name) == "embed":
+        return None
+    bits = group_bits(name, cfg)
+    scale = row_scale(name, w, rowquant.qmax_of(bits), cfg, None)
+    if form == "sparse24":
+        return storage.encode_sparse24(w, bits, scale)
+    if form == "codebook":
+        return storage.encode_codebook(w, bits, scale)
+    if form == "freeze_dry":
+        fd = cfg["storage"]["freeze_dry"]
+        return storage.encode_freeze_dry(w, bits, scale, fd["tau"], fd["min_fraction"])
+    mixed = cfg["storage"]["mixed_rows"]
+    return storage.encode_mixed_rows(w, sensitivity, bits, mixed["high_bits"], mixed["high_fraction"],
+                                     lambda rows, b: row_scale(name, rows, rowquant.qmax_of(b), cfg, None))
+
+
+def quantize_matrix(name: str, w: torch.Tensor, cfg: dict, hessian, sensitivity=None) -> tuple[dict, torch.Tensor]:
+    special = stored_form(name, w, cfg, sensitivity)
+    if special is not None:
+        entry, w_hat = special
+        return {"name": name, **entry}, w_hat
     bits = group_bits(name, cfg)
     qmax = rowquant.qmax_of(bits)
     scale = row_scale(name, w, qmax, cfg, hessian)
@@ -70,11 +93,11 @@ def quantize_matrix(name: str, w: torch.Tensor, cfg: dict, hessian) -> tuple[dic
     return stored, rowquant.dequantize_rows(q, scale)
 
 
-def quantize_tensor(name: str, w: torch.Tensor, cfg: dict, hessian=None) -> tuple[dict, torch.Tensor]:
+def quantize_tensor(name: str, w: torch.Tensor, cfg: dict, hessian=None, sensitivity=None):
     """One tensor's stored form and its reconstruction."""
     w = w.detach().float().cpu()
     if is_quantized(w, cfg):
-        return quantize_matrix(name, w, cfg, hessian)
+        return quantize_matrix(name, w, cfg, hessian, sensitivity)
     kept = w.to(torch.float32 if is_control_tensor(name) else torch.float16)
     return {"name": name, "kind": "float", "shape": list(w.shape), "data": kept.numpy()}, kept.float()
 
@@ -85,12 +108,27 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 
 def tensor_report(name, w, stored, w_hat, cfg) -> dict:
-    bits = stored.get("bits", 8 * stored["data"].itemsize)
     nbytes = pack.stored_bytes(pack.with_packed_codes(stored) if cfg["code_container"] == "packed" else stored)
+    bits = stored["bits"] if "bits" in stored else float(stored["row_bits"].mean()) if "row_bits" in stored \
+        else 8 * stored["data"].itemsize
     return {"name": name, "shape": list(w.shape), "numel": w.numel(), "kind": stored["kind"],
             "method": stored.get("method"),
             "group": tensor_group(name), "bits": bits, "rel_error": relative_error(w, w_hat),
             "stored_bytes": nbytes, "bits_per_weight": 8 * nbytes / w.numel()}
+
+
+def row_sensitivities(model: GPT, batches: list[torch.Tensor]) -> dict:
+    """Per-row gradient sensitivity Σ grad² · w² of every 2-D weight over the calibration batches."""
+    grad_sq = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.ndim == 2}
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(batch[:, :-1], batch[:, 1:]).backward()
+        for n, p in model.named_parameters():
+            if n in grad_sq and p.grad is not None:
+                grad_sq[n] += p.grad.detach() ** 2
+    model.zero_grad(set_to_none=True)
+    weights = dict(model.named_parameters())
+    return {n: storage.row_sensitivity(weights[n].detach(), g) for n, g in grad_sq.items()}
 
 
 def train_calibration(manifest: Path, cal: dict, seed: int) -> list[torch.Tensor]:
@@ -228,6 +266,39 @@ def check_quantized_model(state, model_config, batch, cfg, reports, checkpoint) 
     return {"calibration_loss": loss, "uniform_loss": uniform}
 
 
+def build_artifact(model: GPT, cfg: dict, batches: list[torch.Tensor], code_bytes: int) -> tuple[bytes, dict]:
+    """Quantize a model into artifact bytes; the report is measured on what the artifact decodes to."""
+    t0 = time.time()
+    needs_hessian = cfg["method"] == "gptq" or cfg["clip_search"]
+    hessians = gptq.collect_hessians(model, batches, torch.device("cpu")) if needs_hessian else {}
+    hessian_seconds = time.time() - t0
+    sensitivity = row_sensitivities(model, batches) if cfg["storage"]["form"] == "mixed_rows" else {}
+    weights, model_config = model.state_dict(), model.config.to_dict()
+    entries = [quantize_tensor(name, w, cfg, hessians.get(name), sensitivity.get(name))[0]
+               for name, w in weights.items()]
+    lqer = add_lqer(entries, weights, cfg["lqer"]) if cfg["lqer"]["rank"] else []
+    quantize_seconds = time.time() - t0 - hessian_seconds
+    blob, sizes = serialize(entries, model_config, cfg)
+    pruning = None
+    if cfg["size_target"]["enabled"]:
+        target = cfg["size_target"]["bytes"] or cfg["cap_bytes"]
+        before = len(blob)
+        if before + code_bytes > target:
+            pruning = prune_to_target(entries, hessians, model_config, cfg, target - code_bytes)
+            blob, sizes = serialize(entries, model_config, cfg)
+        pruning = {**(pruning or {"pruned_codes": 0}), "target_bytes": target, "model_bytes_before": before}
+    _, decoded = pack.unpack_tensors(pack.decompress(blob))
+    state = pack.state_dict_from_tensors(decoded)
+    reports = [tensor_report(n, w, e, state[n], cfg) for (n, w), e in zip(weights.items(), entries)]
+    return blob, {
+        "state": state, "tensors": reports, "compressed_sizes": sizes, "model_bytes": len(blob),
+        "lqer_tensors": lqer, "size_target": pruning, "max_rel_error": max(r["rel_error"] for r in reports),
+        "bits_per_weight": 8 * len(blob) / sum(r["numel"] for r in reports),
+        "quantized_params": sum(r["numel"] for r in reports if r["kind"] != "float"),
+        "largest_tensors": sorted(reports, key=lambda r: -r["stored_bytes"])[:10],
+        "hessian_seconds": round(hessian_seconds, 3), "quantize_seconds": round(quantize_seconds, 3)}
+
+
 def run(cfg: dict, checkpoint: Path, manifest: Path, seed: int, out: Path, summary_path: Path) -> dict:
     start = time.time()
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -237,43 +308,16 @@ def run(cfg: dict, checkpoint: Path, manifest: Path, seed: int, out: Path, summa
     cal = cfg["calibration"]
     batches = (generated_calibration(model, cal, seed) if cal["source"] == "generated"
                else train_calibration(manifest, cal, seed))
-    needs_hessian = cfg["method"] == "gptq" or cfg["clip_search"]
-    t0 = time.time()
-    hessians = gptq.collect_hessians(model, batches, torch.device("cpu")) if needs_hessian else {}
-    hessian_seconds = time.time() - t0
-    entries = [quantize_tensor(name, w, cfg, hessians.get(name))[0] for name, w in ckpt["state_dict"].items()]
-    lqer = add_lqer(entries, ckpt["state_dict"], cfg["lqer"]) if cfg["lqer"]["rank"] else []
-    quantize_seconds = time.time() - t0 - hessian_seconds
     code = counted_code(cfg["counted_code"], cfg["code_accounting"])
-    blob, sizes = serialize(entries, ckpt["model_config"], cfg)
-    pruning = None
-    if cfg["size_target"]["enabled"]:
-        target = cfg["size_target"]["bytes"] or cfg["cap_bytes"]
-        before = len(blob)
-        if before + code["bytes"] > target:
-            pruning = prune_to_target(entries, hessians, ckpt["model_config"], cfg, target - code["bytes"])
-            blob, sizes = serialize(entries, ckpt["model_config"], cfg)
-        pruning = {**(pruning or {"pruned_codes": 0}), "target_bytes": target, "model_bytes_before": before}
-    # Everything below is measured on what the artifact decodes to, not on in-memory copies.
-    _, decoded = pack.unpack_tensors(pack.decompress(blob))
-    state = pack.state_dict_from_tensors(decoded)
-    reports = [tensor_report(n, w, e, state[n], cfg) for (n, w), e in zip(ckpt["state_dict"].items(), entries)]
-    guard = check_quantized_model(state, ckpt["model_config"], batches[0], cfg, reports, checkpoint)
+    blob, info = build_artifact(model, cfg, batches, code["bytes"])
+    state = info.pop("state")
+    guard = check_quantized_model(state, ckpt["model_config"], batches[0], cfg, info["tensors"], checkpoint)
     guard["prequant_calibration_loss"] = batch_loss(model, batches[0])
     total = len(blob) + code["bytes"]
-    quantized = [r for r in reports if r["kind"] == "rows"]
-    summary = {
-        "config": cfg, "checkpoint": str(checkpoint), "bits": cfg["bits"], "compressor": cfg["compressor"],
-        "compressed_sizes": sizes, "model_bytes": len(blob),
-        "code_bytes": code["bytes"], "code": code, "total_bytes": total, "cap_bytes": cfg["cap_bytes"],
-        "headroom_bytes": cfg["cap_bytes"] - total, **guard, "lqer_tensors": lqer, "size_target": pruning,
-        "max_rel_error": max(r["rel_error"] for r in reports),
-        "bits_per_weight": 8 * len(blob) / sum(r["numel"] for r in reports),
-        "quantized_params": sum(r["numel"] for r in quantized),
-        "largest_tensors": sorted(reports, key=lambda r: -r["stored_bytes"])[:10], "tensors": reports,
-        "hessian_seconds": round(hessian_seconds, 3), "quantize_seconds": round(quantize_seconds, 3),
-        "seconds": round(time.time() - start, 3),
-    }
+    summary = {"config": cfg, "checkpoint": str(checkpoint), "bits": cfg["bits"], "compressor": cfg["compressor"],
+               "code_bytes": code["bytes"], "code": code, "total_bytes": total, "cap_bytes": cfg["cap_bytes"],
+               "headroom_bytes": cfg["cap_bytes"] - total, **guard, **info,
+               "seconds": round(time.time() - start, 3)}
     if total > cfg["cap_bytes"]:
         raise QuantizationError(f"{checkpoint}: artifact is {total:,} bytes (model {len(blob):,} + code "
                                 f"{code['bytes']:,}), over quantize.cap_bytes = {cfg['cap_bytes']:,} "

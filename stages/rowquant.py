@@ -2,6 +2,8 @@
 round-to-nearest codes and their reconstruction. Scales are fp16, as stored, and used as stored."""
 import torch
 
+FP16_TINY = torch.finfo(torch.float16).tiny  # the smallest normal fp16: a smaller scale would be stored as 0
+
 
 def qmax_of(bits: int) -> int:
     return 2 ** (bits - 1) - 1
@@ -12,12 +14,12 @@ def percentile_scale(w: torch.Tensor, clip_percentile: float, qmax: int) -> torc
     w = w.float()
     clip = torch.quantile(w.abs(), clip_percentile / 100.0, dim=1) if clip_percentile < 100 \
         else w.abs().amax(dim=1)
-    return (clip / qmax).clamp_min(1e-10).half()
+    return (clip / qmax).clamp_min(FP16_TINY).half()
 
 
 def sdclip_scale(w: torch.Tensor, sigmas: float, qmax: int) -> torch.Tensor:
     """SDClip: clip each row at `sigmas` standard deviations of the row."""
-    return (sigmas * w.float().std(dim=1) / qmax).clamp_min(1e-10).half()
+    return (sigmas * w.float().std(dim=1) / qmax).clamp_min(FP16_TINY).half()
 
 
 def round_to_nearest(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -168,3 +168,24 @@ def test_not_an_artifact_is_named(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not ours")
     with pytest.raises(pack.ArtifactError, match="x.bin"):
         pack.load_artifact(bad)
+
+
+@pytest.mark.parametrize("form", ["sparse24", "codebook", "freeze_dry", "mixed_rows"])
+def test_each_storage_form_changes_the_artifact_and_round_trips(tiny_checkpoint, tiny_data, tmp_path, form):
+    dense = run(tiny_quantize_config(bits=4), tiny_checkpoint, tiny_data, tmp_path, "dense")
+    cfg = tiny_quantize_config(bits=4, storage={"form": form, "freeze_dry": {"tau": 1.0, "min_fraction": 0.0},
+                                                "mixed_rows": {"high_bits": 8, "high_fraction": 0.25}})
+    other = run(cfg, tiny_checkpoint, tiny_data, tmp_path, form)  # tau 1: trained columns are barely predictable
+    kinds = {t["name"]: t["kind"] for t in other["tensors"]}
+    assert kinds["blocks.0.mlp.fc.weight"] == form and kinds["tok_emb.weight"] == "rows"
+    assert (tmp_path / f"{form}.bin").read_bytes() != (tmp_path / "dense.bin").read_bytes()
+    assert other["model_bytes"] != dense["model_bytes"]
+    loaded = pack.load_model(tmp_path / f"{form}.bin")
+    _, entries = pack.unpack_tensors(pack.decompress((tmp_path / f"{form}.bin").read_bytes()))
+    for entry in entries:
+        assert torch.equal(loaded.state_dict()[entry["name"]], pack.reconstruct(entry))
+    if form == "freeze_dry":
+        assert any(e.get("dropped", 0) > 0 for e in entries)
+    if form == "mixed_rows":
+        bits = [t["bits"] for t in other["tensors"] if t["kind"] == "mixed_rows"]
+        assert all(4 < b < 8 for b in bits)  # a mix of 4- and 8-bit rows

@@ -1,8 +1,8 @@
 """Quantizer options side by side: bytes, bits/weight, relative error, val_bpb gap, seconds.
 
-    .venv/bin/python bench/quantize.py demo     # the demo's trained seed-1337 model (run `make demo` first)
-    .venv/bin/python bench/quantize.py record   # the top record's shapes, random weights, Zipfian calibration
-Writes bench/results/quantize_<shape>.md.
+    .venv/bin/python bench/quantize.py           # both shapes, into bench/results/quantize.md
+    .venv/bin/python bench/quantize.py demo      # the demo's trained seed-1337 model (run `make demo` first)
+    .venv/bin/python bench/quantize.py record    # the top record's shapes, random weights, Zipfian calibration
 """
 import copy
 import datetime
@@ -42,6 +42,13 @@ VARIANTS = {
     "gptq int6, zstd": {**GPTQ6, "compressor": "zstd"},
     "gptq int6, brotli": {**GPTQ6, "compressor": "brotli"},
     "gptq int6, lzma": {**GPTQ6, "compressor": "lzma"},
+    "rtn int6, 2:4 sparsity": {"bits": 6, "storage": {"form": "sparse24"}},
+    "rtn int4, Lloyd-Max codebook": {"bits": 4, "storage": {"form": "codebook"}},
+    "rtn int4": {"bits": 4},
+    "rtn int6, freeze-dry tau 0.3": {"bits": 6, "storage": {"form": "freeze_dry",
+                                                              "freeze_dry": {"tau": 0.3, "min_fraction": 0.0}}},
+    "rtn int6 + FTLE rows int8 (10%)": {"bits": 6, "storage": {"form": "mixed_rows"}},
+    "gptq int6 sdclip, size target -3%": {**GPTQ6, **SD, "size_target": {"enabled": True, "bytes": None}},
     "gptq int5": {"method": "gptq", "bits": 5},
     "gptq int4": {"method": "gptq", "bits": 4},
 }
@@ -89,27 +96,30 @@ def record_setup():
     return model.eval(), batches, None, "random weights (11L, d=512, MLP 4x, vocab 8192), Zipf(1.1) tokens"
 
 
-def main(shape="demo"):
+def shape_section(shape: str) -> list[str]:
     model, batches, val_bpb, source = demo_setup() if shape == "demo" else record_setup()
     base = yaml.safe_load((ROOT / "config.yaml").read_text())["defaults"]["quantize"]
     if shape == "record":
         base["calibration"].update(batches=4, batch_seqs=8, seq_len=512)
+        base["keep_float_max_numel"] = 65536
     names = VARIANTS if shape == "demo" else RECORD_VARIANTS
     pre = val_bpb(model) if val_bpb else None
     params = sum(p.numel() for p in model.parameters())
-    lines = [f"# Quantizer options: {shape}", "",
-             f"{source}; {params:,} parameters. {platform.machine()} CPU, {torch.get_num_threads()} threads, "
-             f"{datetime.date.today()}. Reproduce: `.venv/bin/python bench/quantize.py {shape}`.", ""]
+    lines = [f"## {shape}", "", f"{source}; {params:,} parameters.", ""]
     if pre is not None:
-        lines += [f"prequant val_bpb (sliding, stride 32): {pre:.5f}", ""]
+        lines += [f"Prequant val_bpb (sliding, seq 128, stride 32): {pre:.5f}. The gap is quant − prequant.", ""]
     lines += ["| option | model bytes | bits/weight | max rel. error | mean rel. error (quantized) | "
               "val_bpb gap | Hessian s | quantize s | total s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    sizes = {}
     for name in names:
         cfg = config_with(base, VARIANTS[name])
+        if cfg["size_target"]["enabled"]:  # 3% below the same quantizer without a target
+            cfg["size_target"]["bytes"] = int(0.97 * sizes["gptq int6 sdclip"])
         start = time.time()
         blob, info = quantize.build_artifact(model, cfg, batches, 0)
+        sizes[name] = len(blob)
         seconds = time.time() - start
-        errors = [t["rel_error"] for t in info["tensors"] if t["kind"] == "rows"]
+        errors = [t["rel_error"] for t in info["tensors"] if t["kind"] != "float"]
         gap = "n/a"
         if val_bpb:
             quantized = GPT(model.config)
@@ -119,7 +129,19 @@ def main(shape="demo"):
                      f"{np.mean(errors):.4f} | {gap} | {info['hessian_seconds']:.1f} | "
                      f"{info['quantize_seconds']:.1f} | {seconds:.1f} |")
         print(lines[-1], flush=True)
-    write_text(ROOT / "bench" / "results" / f"quantize_{shape}.md", "\n".join(lines) + "\n")
+    return lines + [""]
+
+
+def main(*shapes):
+    shapes = shapes or ("demo", "record")
+    lines = ["# Quantizer options side by side", "",
+             f"{platform.machine()} CPU, {torch.get_num_threads()} threads, {datetime.date.today()}. "
+             f"Reproduce: `.venv/bin/python bench/quantize.py {' '.join(shapes)}` (after `make demo`). "
+             "bits/weight = 8 × compressed model bytes / parameters (all tensors).", ""]
+    for shape in shapes:
+        lines += shape_section(shape)
+    name = "quantize.md" if len(shapes) == 2 else f"quantize_{shapes[0]}.md"
+    write_text(ROOT / "bench" / "results" / name, "\n".join(lines))
 
 
 if __name__ == "__main__":

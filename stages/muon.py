@@ -24,8 +24,10 @@ class Muon(torch.optim.Optimizer):
     orthogonalizes a round-robin share of the parameters and the updates are summed with one all_reduce.
     Gradients must already be averaged across ranks (DDP does this)."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True,
+                 weight_decay: float = 0.0, row_normalize: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
+                                      weight_decay=weight_decay, row_normalize=row_normalize))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -56,6 +58,8 @@ class Muon(torch.optim.Optimizer):
                     buf.mul_(momentum).add_(g)
                     if group["nesterov"]:
                         g = g.add(buf, alpha=momentum)
+                    if group["row_normalize"]:  # MuonEq-R (the top record): equalise rows before orthogonalizing
+                        g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
                     g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
                     g *= max(1, g.size(0) / g.size(1)) ** 0.5
                     updates[offset: offset + p.numel()] = g.reshape(-1)
@@ -64,6 +68,8 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
             offset = 0
             for p in params:
+                if group["weight_decay"]:  # decoupled, scaled by the current lr as in the records
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(updates[offset: offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
         return loss

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from stages import techniques
 from stages.curriculum import load_sampler
 from stages.io import atomic_path, read_json, write_json, write_text
 from stages.model import GPT, GPTConfig, param_groups
@@ -84,8 +85,13 @@ class Batches:
         (self.sampler if self.sampler is not None else self.stream).load_state_dict(state)
 
 
+def budget_seconds(cfg: dict) -> float:
+    """The training loop's wallclock budget: the cap less the GPTQ reserve (0 = no cap)."""
+    return max(cfg["max_seconds"] - cfg["gptq_reserve_seconds"], 0.0) if cfg["max_seconds"] else 0.0
+
+
 def lr_multiplier(step: int, elapsed_ms: float, cfg: dict) -> float:
-    """1 until the warmdown, then linear to 0: by iterations, or by the wallclock cap when set."""
+    """1 until the warmdown, then linear to 0: by iterations, or by the wallclock budget when capped."""
     warmdown = cfg["warmdown_iters"]
     if warmdown <= 0:
         return 1.0
@@ -93,7 +99,7 @@ def lr_multiplier(step: int, elapsed_ms: float, cfg: dict) -> float:
         start = max(cfg["iterations"] - warmdown, 0)
         return max((cfg["iterations"] - step) / warmdown, 0.0) if step >= start else 1.0
     warmdown_ms = warmdown * elapsed_ms / max(step, 1)
-    remaining_ms = max(cfg["max_seconds"] * 1000 - elapsed_ms, 0.0)
+    remaining_ms = max(budget_seconds(cfg) * 1000 - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
 
@@ -108,7 +114,8 @@ def build_optimizers(model: GPT, opt: dict, fused: bool) -> list[torch.optim.Opt
     embed_lr = opt["tied_embed_lr"] if model.config.tie_embeddings else opt["embed_lr"]
     optimizers = [torch.optim.Adam([{"params": groups["embed"], "lr": embed_lr, "base_lr": embed_lr}], **adam),
                   Muon(groups["matrix"], lr=opt["matrix_lr"], momentum=opt["muon_momentum"],
-                       backend_steps=opt["muon_backend_steps"]),
+                       backend_steps=opt["muon_backend_steps"], weight_decay=opt["muon_weight_decay"],
+                       row_normalize=opt["muon_row_normalize"]),
                   torch.optim.Adam([{"params": groups["scalar"], "lr": opt["scalar_lr"],
                                      "base_lr": opt["scalar_lr"]}], **adam)]
     for group in optimizers[1].param_groups:
@@ -176,27 +183,46 @@ class Trainer:
             tokens = np.concatenate([np.asarray(read_shard(p, vocab)) for p in paths])
         self.batches = Batches(TokenStream(paths, vocab), sampler, tokens, cfg["seq_len"], self.rank, self.world)
         self.step, self.elapsed_ms, self.metrics = 0, 0.0, []
+        self.ema = techniques.EMA(self.model, cfg["ema"]["decay"]) if cfg["ema"]["enabled"] else None
+        sq = cfg["sqwa"]
+        self.sqwa = techniques.SQWA(sq["bits"], sq["clip_percentile"], 0) if sq["enabled"] else None
+        self.sqwa_loop_ms = 0.0
+        self.hard = techniques.HardBatches(cfg["replay"]["batches"]) if cfg["replay"]["every"] else None
+        self.replay_steps = 0
+        self.noise_rng = torch.Generator().manual_seed(seed * 7919 + self.rank)
+        self.matrices = param_groups(self.model)["matrix"]
 
     def progress(self) -> float:
-        if self.cfg["max_seconds"]:
-            return self.elapsed_ms / (self.cfg["max_seconds"] * 1000)
-        return self.step / self.cfg["iterations"]
+        budget = budget_seconds(self.cfg)
+        return self.elapsed_ms / (budget * 1000) if budget else self.step / self.cfg["iterations"]
 
-    def train_step(self) -> float:
+    def qna_noise(self, lr_mul: float):
+        """QNA's noise on the block matrices while the LR multiplier is above its threshold, else None."""
+        qna = self.cfg["qna"]
+        if not qna["enabled"] or lr_mul < qna["threshold"]:
+            return None
+        return techniques.add_quantization_noise(self.matrices, qna["bits"], qna["clip_percentile"],
+                                                 qna["magnitude"] * lr_mul, self.noise_rng)
+
+    def train_step(self, lr_scale: float = 1.0, replay=None) -> tuple[float, list]:
+        """One optimizer step on the next global batch (or on a replayed one, at lr_scale × the LR)."""
         lr_mul = lr_multiplier(self.step, self.elapsed_ms, self.cfg)
         for opt in self.optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_mul
+                group["lr"] = group["base_lr"] * lr_mul * lr_scale
         self.optimizers[1].param_groups[0]["momentum"] = muon_momentum(self.step, self.cfg["optimizer"])
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        batch = replay or [self.batches.next(self.local_tokens, self.progress()) for _ in range(self.accum)]
+        originals = self.qna_noise(lr_mul)
         total = torch.zeros((), device=self.device)
-        for micro in range(self.accum):
-            x, y = self.batches.next(self.local_tokens, self.progress())
+        for micro, (x, y) in enumerate(batch):
             sync = self.ddp is None or micro == self.accum - 1
             with (nullcontext() if sync else self.ddp.no_sync()), autocast:
-                loss = self.step_model(x.to(self.device), y.to(self.device))
+                loss = self.step_model(x.to(self.device, torch.long), y.to(self.device, torch.long))
             (loss / self.accum).backward()
             total += loss.detach() / self.accum
+        if originals is not None:
+            techniques.restore(self.matrices, originals)
         clip = self.cfg["optimizer"]["grad_clip_norm"]
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -204,27 +230,46 @@ class Trainer:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.lr_mul = lr_mul
-        return all_reduce_mean(total, self.world)
+        return all_reduce_mean(total, self.world), batch
+
+    def replay_hard_batches(self):
+        """Every `replay.every` steps, one more step on each of the hardest batches at lr_mult × the LR."""
+        cfg = self.cfg["replay"]
+        if self.hard is None or self.step % cfg["every"]:
+            return
+        for batch in self.hard.hardest():
+            self.train_step(lr_scale=cfg["lr_mult"], replay=batch)
+            self.replay_steps += 1
+
+    def snapshot_for_sqwa(self):
+        sq = self.cfg["sqwa"]
+        if self.sqwa is None or self.lr_mul >= sq["below_lr"] or self.step % sq["every"]:
+            return
+        t0 = time.perf_counter()
+        self.sqwa.add(self.ema.state_dict() if self.ema is not None else self.model.state_dict())
+        self.sqwa_loop_ms += (time.perf_counter() - t0) * 1000
 
     def prime(self):
         """Run warmup_steps to compile kernels, then restore the initial state (outside the timer)."""
         if not self.cfg["warmup_steps"]:
             return
-        saved = copy.deepcopy({"model": self.model.state_dict(),
-                               "opt": [o.state_dict() for o in self.optimizers],
-                               "data": self.batches.state_dict()})
+        saved = copy.deepcopy(self.state_dict())
         for _ in range(self.cfg["warmup_steps"]):
             self.train_step()
-        self.model.load_state_dict(saved["model"])
-        for opt, state in zip(self.optimizers, saved["opt"]):
-            opt.load_state_dict(state)
-        self.batches.load_state_dict(saved["data"])
+        self.load_state_dict(saved)
 
     def state_dict(self):
-        return {"model": self.model.state_dict(), "opt": [o.state_dict() for o in self.optimizers],
-                "data": self.batches.state_dict(), "step": self.step, "elapsed_ms": self.elapsed_ms,
-                "metrics": self.metrics}
+        state = {"model": self.model.state_dict(), "opt": [o.state_dict() for o in self.optimizers],
+                 "data": self.batches.state_dict(), "step": self.step, "elapsed_ms": self.elapsed_ms,
+                 "metrics": self.metrics, "noise_rng": self.noise_rng.get_state(),
+                 "replay_steps": self.replay_steps}
+        for name in ("ema", "sqwa", "hard"):
+            if getattr(self, name) is not None:
+                state[name] = getattr(self, name).state_dict()
+        return state
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
@@ -232,6 +277,11 @@ class Trainer:
             opt.load_state_dict(s)
         self.batches.load_state_dict(state["data"])
         self.step, self.elapsed_ms, self.metrics = state["step"], state["elapsed_ms"], state["metrics"]
+        self.noise_rng.set_state(state["noise_rng"])
+        self.replay_steps = state["replay_steps"]
+        for name in ("ema", "sqwa", "hard"):
+            if getattr(self, name) is not None:
+                getattr(self, name).load_state_dict(state[name])
 
     def save_resume(self, resume_dir: Path):
         if self.rank == 0:
@@ -247,8 +297,8 @@ class Trainer:
         return True
 
     def reached_cap(self) -> bool:
-        over = torch.tensor(float(bool(self.cfg["max_seconds"]) and
-                                  self.elapsed_ms >= self.cfg["max_seconds"] * 1000))
+        budget = budget_seconds(self.cfg)
+        over = torch.tensor(float(bool(budget) and self.elapsed_ms >= budget * 1000))
         if self.world > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
         return bool(over)
@@ -264,18 +314,22 @@ class Trainer:
                 stopped_by = "wallclock"
                 break
             t0 = time.perf_counter()
-            loss = self.train_step()
+            loss, batch = self.train_step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            step_ms = (time.perf_counter() - t0) * 1000
-            self.elapsed_ms += step_ms
             self.step += 1
-            record = {"step": self.step, "loss": loss, "lr_mul": self.lr_mul,
-                      "tokens": self.step * cfg["batch_tokens"], "ms": round(self.elapsed_ms, 3),
-                      "step_ms": round(step_ms, 3)}
             if not math.isfinite(loss):
                 last = self.metrics[-1] if self.metrics else None
                 raise FloatingPointError(f"train: loss is {loss} at step {self.step}; last good metrics: {last}")
+            if self.hard is not None:
+                self.hard.offer(loss, batch)
+            self.replay_hard_batches()
+            self.snapshot_for_sqwa()
+            step_ms = (time.perf_counter() - t0) * 1000
+            self.elapsed_ms += step_ms
+            record = {"step": self.step, "loss": loss, "lr_mul": self.lr_mul,
+                      "tokens": self.step * cfg["batch_tokens"], "ms": round(self.elapsed_ms, 3),
+                      "step_ms": round(step_ms, 3)}
             if self.step % cfg["log_every"] == 0 or self.step == 1 or self.step == cfg["iterations"]:
                 self.metrics.append(record)
                 if self.rank == 0:
@@ -286,21 +340,38 @@ class Trainer:
             self.metrics.append(record)
         return {"stopped_by": stopped_by, "resumed": resumed}
 
+    def final_weights(self) -> tuple[dict, str]:
+        """What training exports: the SQWA average if it has snapshots, else the EMA, else the weights."""
+        if self.sqwa is not None:
+            t0 = time.perf_counter()
+            average = self.sqwa.average()
+            self.sqwa_wait_ms = (time.perf_counter() - t0) * 1000
+            if average is not None:
+                return average, "sqwa"
+        if self.ema is not None:
+            return self.ema.state_dict(), "ema"
+        return self.model.state_dict(), "weights"
+
     def write_outputs(self, out_dir: Path, info: dict, config: dict):
+        weights, source = self.final_weights()
         if self.rank != 0:
             return
-        state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().float().cpu() for k, v in weights.items()}
         with atomic_path(out_dir / "model.pt") as tmp:
             torch.save({"state_dict": state, "model_config": self.model.config.to_dict()}, tmp)
         write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
         seconds = self.elapsed_ms / 1000
         tokens = self.step * self.cfg["batch_tokens"]
+        extras = {"exported": source, "replay_steps": self.replay_steps}
+        if self.sqwa is not None:
+            extras.update(sqwa_snapshots=self.sqwa.count, sqwa_loop_ms=round(self.sqwa_loop_ms, 3),
+                          sqwa_wait_ms=round(self.sqwa_wait_ms, 3))
         write_json(out_dir / "summary.json", {
             "config": config, "seed": self.seed, "steps": self.step, "tokens": tokens,
             "train_seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None,
             "final_train_loss": self.metrics[-1]["loss"] if self.metrics else None,
             "params": self.model.num_params(), "world_size": self.world, "device": str(self.device),
-            "grad_accum_steps": self.accum, **info})
+            "grad_accum_steps": self.accum, **extras, **info})
 
 
 def main(argv=None):

@@ -49,10 +49,10 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path, monkeypatch)
     train.main(train_args(tiny_data, straight, curriculum=True, log_every=1, checkpoint_every=10))
     real_step = train.Trainer.train_step
 
-    def crash_at_25(self):
+    def crash_at_25(self, **kw):
         if self.step == 25:
             raise KeyboardInterrupt("killed")
-        return real_step(self)
+        return real_step(self, **kw)
 
     monkeypatch.setattr(train.Trainer, "train_step", crash_at_25)
     with pytest.raises(KeyboardInterrupt):
@@ -68,7 +68,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path, monkeypatch)
 def test_non_finite_loss_stops_with_the_step(tiny_data, tmp_path, monkeypatch):
     real_step = train.Trainer.train_step
     monkeypatch.setattr(train.Trainer, "train_step",
-                        lambda self: float("nan") if self.step == 3 else real_step(self))
+                        lambda self, **kw: (float("nan"), []) if self.step == 3 else real_step(self, **kw))
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 4; last good metrics: \{.*'step': 3"):
         train.main(train_args(tiny_data, tmp_path, log_every=1))
     assert not (tmp_path / "model.pt").exists()
@@ -93,10 +93,10 @@ def test_torchrun_two_cpu_processes_match_one_process(tiny_data, tmp_path):
 
 
 def test_lr_multiplier_warmdown():
-    cfg = {"warmdown_iters": 10, "iterations": 100, "max_seconds": 0}
+    cfg = {"warmdown_iters": 10, "iterations": 100, "max_seconds": 0, "gptq_reserve_seconds": 0}
     assert train.lr_multiplier(50, 0, cfg) == 1.0
     assert train.lr_multiplier(95, 0, cfg) == pytest.approx(0.5)
-    wall = {"warmdown_iters": 10, "iterations": 10**6, "max_seconds": 10}
+    wall = {"warmdown_iters": 10, "iterations": 10**6, "max_seconds": 10, "gptq_reserve_seconds": 0}
     # 100 ms/step: the warmdown covers the last 1 s of the 10 s cap
     assert train.lr_multiplier(50, 5000, wall) == 1.0
     assert train.lr_multiplier(95, 9500, wall) == pytest.approx(0.5)

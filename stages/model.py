@@ -1,20 +1,26 @@
-"""The Parameter Golf baseline GPT (`train_gpt.py` of openai/parameter-golf), module for module.
+"""The Parameter Golf baseline GPT (`train_gpt.py` of openai/parameter-golf), module for module, plus the
+records' architecture options (each off by default, so the defaults reproduce the baseline exactly).
 
 Parameter names match the baseline's state_dict, so checkpoints and the quantizer's name patterns carry over.
 """
-from dataclasses import asdict, dataclass, fields
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from stages import rowquant
 
 try:
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
 
+BOS_ID = 1  # stages.tokenize.BOS_ID: every document starts with it
+SMEAR_GATE_DIMS = 12
 CONTROL_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-                    "q_gain", "skip_weight", "skip_weights")
+                    "q_gain", "skip_weight", "skip_weights", "smear")
 
 
 def is_control_tensor(name: str) -> bool:
@@ -34,6 +40,18 @@ class GPTConfig:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    activation: str = "relu2"  # or "leaky_relu2": LeakyReLU(0.5)²
+    rope_dims: int = 0  # rotated dims per head; 0 = all
+    xsa_layers: int = 0  # XSA on the last N layers
+    parallel_from: int = -1  # parallel attention + MLP from this layer on; -1 = never
+    recur_layers: list = field(default_factory=list)  # [a, b]: layers a..b repeated recur_loops extra times
+    recur_loops: int = 1
+    smear_gate: bool = False
+    q_rank: int = 0  # low-rank c_q; 0 = full rank
+    qat_bits: int = 0  # fake-quantize block linears on the export grid; 0 = off
+    qat_clip: str = "percentile"  # or "sdclip"
+    qat_clip_percentile: float = 99.99984
+    qat_clip_sigmas: float = 12.85
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -49,21 +67,68 @@ class GPTConfig:
         return asdict(self)
 
     def validate(self) -> None:
-        if self.model_dim % self.num_heads:
-            raise ValueError(f"model_dim ({self.model_dim}) must be divisible by num_heads ({self.num_heads})")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-        if (self.model_dim // self.num_heads) % 2:
-            raise ValueError(f"head_dim = model_dim // num_heads = {self.model_dim // self.num_heads} must be even "
-                             "for RoPE")
-        if self.logit_softcap < 0:
-            raise ValueError(f"logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+        check(self.model_dim % self.num_heads == 0,
+              f"model_dim ({self.model_dim}) must be divisible by num_heads ({self.num_heads})")
+        check(self.num_heads % self.num_kv_heads == 0,
+              f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        head_dim = self.model_dim // self.num_heads
+        check(head_dim % 2 == 0, f"head_dim = model_dim // num_heads = {head_dim} must be even for RoPE")
+        check(self.logit_softcap >= 0, f"logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
+        check(self.activation in ("relu2", "leaky_relu2"), f"activation must be relu2 or leaky_relu2, "
+              f"got {self.activation!r}")
+        check(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0,
+              f"rope_dims must be even and in [0, head_dim={head_dim}], got {self.rope_dims}")
+        check(0 <= self.xsa_layers <= self.num_layers, f"xsa_layers must be in [0, num_layers], got {self.xsa_layers}")
+        check(-1 <= self.parallel_from < self.num_layers,
+              f"parallel_from must be -1 or a layer index, got {self.parallel_from}")
+        check(len(self.recur_layers) == 0 or (len(self.recur_layers) == 2 and
+                                              0 <= self.recur_layers[0] <= self.recur_layers[1] < self.num_layers),
+              f"recur_layers must be [] or [a, b] with 0 <= a <= b < num_layers, got {self.recur_layers}")
+        check(self.recur_loops >= 1, f"recur_loops must be >= 1, got {self.recur_loops}")
+        check(not self.smear_gate or self.model_dim >= SMEAR_GATE_DIMS,
+              f"smear_gate needs model_dim >= {SMEAR_GATE_DIMS}")
+        check(0 <= self.q_rank < self.model_dim, f"q_rank must be in [0, model_dim), got {self.q_rank}")
+        check(self.qat_bits == 0 or 2 <= self.qat_bits <= 8, f"qat_bits must be 0 or 2..8, got {self.qat_bits}")
+        check(self.qat_clip in ("percentile", "sdclip"), f"qat_clip must be percentile or sdclip, "
+              f"got {self.qat_clip!r}")
+        check(0 < self.qat_clip_percentile <= 100 and self.qat_clip_sigmas > 0,
+              "qat_clip_percentile must be in (0, 100] and qat_clip_sigmas > 0")
+
+
+class FakeQuant(nn.Module):
+    """Straight-through fake quantization on the export grid (rowquant's fp16 per-row scales, round-to-nearest).
+
+    The on/off flag is a bool buffer read inside the graph (torch.where), not a Python attribute: torch.compile
+    cannot constant-fold it, and switching it needs no recompile. The price is that the quantized weight is
+    computed even while QAT is off, but only in models configured with qat_bits > 0."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.qmax, self.cfg = rowquant.qmax_of(cfg.qat_bits), cfg
+        self.register_buffer("active", torch.tensor(False), persistent=False)
+
+    def forward(self, w: Tensor) -> Tensor:
+        wd = w.detach().float()
+        if self.cfg.qat_clip == "sdclip":
+            scale = rowquant.sdclip_scale(wd, self.cfg.qat_clip_sigmas, self.qmax)
+        else:
+            scale = rowquant.percentile_scale(wd, self.cfg.qat_clip_percentile, self.qmax)
+        w_q = rowquant.dequantize_rows(rowquant.round_to_nearest(wd, scale, self.qmax), scale).to(w.dtype)
+        return torch.where(self.active, w + (w_q - w).detach(), w)
 
 
 class CastedLinear(nn.Linear):
     # Weights stay fp32 for the optimizer; the matmul runs in the activation dtype (bf16 in training).
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.qat = None  # a FakeQuant, set on block linears when QAT is configured
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight if self.qat is None else self.qat(self.weight)
+        return F.linear(x, w.to(x.dtype))
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -79,46 +144,82 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._key, self._cos, self._sin = None, None, None
 
+    def tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        t = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
+
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # Under torch.compile the tables are part of the graph: the cache's is_inference_mode_enabled() would
+        # break the graph in every layer.
+        if torch.compiler.is_compiling():
+            return self.tables(seq_len, device, dtype)
         # Tables built under inference_mode cannot be used by autograd later (eval then train, as TTT does).
         key = (seq_len, device, dtype, torch.is_inference_mode_enabled())
         if self._key != key:
-            t = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            self._cos, self._sin = freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
+            self._cos, self._sin = self.tables(seq_len, device, dtype)
             self._key = key
         return self._cos, self._sin
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)
+    """Rotates the first 2 * cos.size(-1) dims of x; the rest (partial RoPE) pass through."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q: (B, H, T, D); k, v: (B, H_kv, T, D). Returns (B, H, T, D)."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """q: (B, H, T, D); k, v: (B, H_kv, T, D); mask: None (causal) or bool (B, 1, T, T), True = may attend.
+    Returns (B, H, T, D)."""
+    if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return y.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+    # Hook for document isolation on CUDA: flash_attn_varlen_func with cu_seqlens at the BOS positions
+    # would replace the dense mask here (not implemented: it cannot be tested without a GPU).
+    gqa = k.size(1) != q.size(1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def document_mask(idx: Tensor) -> Tensor:
+    """(B, 1, T, T) causal mask that also stops attention at the last BOS at or before each query."""
+    doc = torch.cumsum(idx == BOS_ID, dim=1)
+    T = idx.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along its own (normalised) value vector.
+    y: (B, H, T, D); v: (B, H_kv, T, D); q head h reads kv head h // (H // H_kv), as in SDPA's enable_gqa."""
+    B, H, T, D = y.shape
+    y = y.reshape(B, v.size(1), H // v.size(1), T, D)
+    vn = F.normalize(v, dim=-1).unsqueeze(2)
+    return (y - (y * vn).sum(-1, keepdim=True) * vn).reshape(B, H, T, D)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, xsa: bool = False):
         super().__init__()
         dim = cfg.model_dim
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = dim // cfg.num_heads
-        self.c_q = CastedLinear(dim, dim, bias=False)
+        self.xsa = xsa
+        if cfg.q_rank:  # PR #316: q = up(down(x)), d -> r -> d
+            self.c_q = nn.Sequential(OrderedDict(down=CastedLinear(dim, cfg.q_rank, bias=False),
+                                                 up=CastedLinear(cfg.q_rank, dim, bias=False)))
+        else:
+            self.c_q = CastedLinear(dim, dim, bias=False)
         self.c_k = CastedLinear(dim, self.num_kv_heads * self.head_dim, bias=False)
         self.c_v = CastedLinear(dim, self.num_kv_heads * self.head_dim, bias=False)
         self.proj = CastedLinear(dim, dim, bias=False)
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims or self.head_dim, cfg.rope_base)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -127,7 +228,9 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(T, x.device, q.dtype)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, mask)
+        if self.xsa:
+            y = exclude_self_value(y, v)
         return self.proj(y.transpose(1, 2).contiguous().reshape(B, T, C))
 
 
@@ -138,26 +241,50 @@ class MLP(nn.Module):
         self.fc = CastedLinear(cfg.model_dim, hidden, bias=False)
         self.proj = CastedLinear(hidden, cfg.model_dim, bias=False)
         self.proj._zero_init = True
+        self.leaky = cfg.activation == "leaky_relu2"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        h = self.fc(x)
+        h = F.leaky_relu(h, 0.5) if self.leaky else torch.relu(h)
+        return self.proj(h.square())
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
         dim = cfg.model_dim
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_layers)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
+        # Parallel residual (GPT-J style): attention and MLP both read the block's input. The record (#1855)
+        # instead keeps two residual lanes with learned lane weights and averages them at the end.
+        self.parallel = 0 <= cfg.parallel_from <= layer
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, mask: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        attn = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), mask)
+        if self.parallel:
+            return x + attn + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + attn
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+class SmearGate(nn.Module):
+    """x_t += λ·σ(w·x_t[:12])·x_{t-1}, one scalar gate per position (w: (1, 12), as modded-nanogpt), except
+    where token t is BOS: its previous token belongs to another document. λ = 0 at init: the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, SMEAR_GATE_DIMS))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        gate = torch.sigmoid(F.linear(x[..., :SMEAR_GATE_DIMS], self.weight.to(x.dtype)))
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (idx != BOS_ID).unsqueeze(-1).to(x.dtype)
+        return x + self.lam.to(x.dtype) * gate * prev
 
 
 class GPT(nn.Module):
@@ -167,12 +294,14 @@ class GPT(nn.Module):
         self.config = config
         # Construction order follows the baseline so that a given seed yields the same initial weights.
         self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
-        self.num_encoder_layers = config.num_layers // 2
-        self.num_decoder_layers = config.num_layers - self.num_encoder_layers
-        num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
+        # Depth recurrence is switched on by training (from a fraction of the run); when off, layers run once.
+        self.recurrence_active = bool(config.recur_layers)
+        longest = self.layer_order()
+        num_skips = min(len(longest) // 2, len(longest) - len(longest) // 2)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim, dtype=torch.float32))
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.lm_head = None if config.tie_embeddings else CastedLinear(config.model_dim, config.vocab_size, bias=False)
+        self.smear = SmearGate() if config.smear_gate else None
         # The output head's input, as a module so that hooks (GPTQ's Hessians) see the tied head too.
         self.head_input = nn.Identity()
         if self.lm_head is None:
@@ -182,22 +311,52 @@ class GPT(nn.Module):
         for module in self.modules():
             if getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
+        if config.qat_bits:
+            for module in self.blocks.modules():
+                if isinstance(module, CastedLinear):
+                    module.qat = FakeQuant(config)
+
+    @property
+    def qat_active(self) -> bool:
+        return any(bool(m.active) for m in self.modules() if isinstance(m, FakeQuant))
+
+    @qat_active.setter
+    def qat_active(self, on: bool) -> None:
+        # In place, so a compiled graph (which reads the buffers as inputs) sees the change without recompiling.
+        for m in self.modules():
+            if isinstance(m, FakeQuant):
+                m.active.fill_(bool(on))
+
+    def layer_order(self) -> list[int]:
+        """The blocks in the order they run: with recurrence, layers a..b are repeated recur_loops times."""
+        order = list(range(self.config.num_layers))
+        if self.recurrence_active and self.config.recur_layers:
+            a, b = self.config.recur_layers
+            order[b + 1:b + 1] = list(range(a, b + 1)) * self.config.recur_loops
+        return order
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward_logits(self, idx: Tensor) -> Tensor:
-        x = rms_norm(self.tok_emb(idx))
+    def forward_logits(self, idx: Tensor, doc_isolation: bool = False) -> Tensor:
+        x = self.tok_emb(idx)
+        if self.smear is not None:
+            x = self.smear(x, idx)
+        x = rms_norm(x)
         x0 = x
+        mask = document_mask(idx) if doc_isolation else None
+        order = self.layer_order()
+        encoder, decoder = order[: len(order) // 2], order[len(order) // 2:]
+        num_skips = min(len(encoder), len(decoder))
         skips = []
         # U-Net: encoder outputs are added back, last-in first-out, before the decoder blocks.
-        for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0)
+        for i in encoder:
+            x = self.blocks[i](x, x0, mask)
             skips.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder_layers:]):
-            if i < len(self.skip_weights):
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+        for j, i in enumerate(decoder):
+            if j < num_skips:
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            x = self.blocks[i](x, x0, mask)
         x = self.head_input(rms_norm(x))
         logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         cap = self.config.logit_softcap
@@ -205,8 +364,8 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits.float()
 
-    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
-        logits = self.forward_logits(idx)
+    def forward(self, idx: Tensor, targets: Tensor, doc_isolation: bool = False) -> Tensor:
+        logits = self.forward_logits(idx, doc_isolation)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="mean")
 
 
@@ -218,7 +377,7 @@ def param_groups(model: GPT) -> dict:
     for name, p in model.blocks.named_parameters():
         (matrix if p.ndim == 2 and not is_control_tensor(name) else scalar).append(p)
     taken = {id(p) for p in embed + head + matrix + scalar}
-    scalar += [p for p in model.parameters() if id(p) not in taken]  # skip_weights, after the block scalars
+    scalar += [p for p in model.parameters() if id(p) not in taken]  # skip_weights, smear: after the block scalars
     return {"embed": embed, "head": head, "matrix": matrix, "scalar": scalar}
 
 

@@ -204,8 +204,18 @@ class Trainer:
         return techniques.add_quantization_noise(self.matrices, qna["bits"], qna["clip_percentile"],
                                                  qna["magnitude"] * lr_mul, self.noise_rng)
 
+    def switch_phases(self):
+        """QAT and depth recurrence start at configured fractions of the budget (set on the raw model,
+        whose flags compiled graphs read)."""
+        model_cfg, progress = self.cfg["model"], self.progress()
+        if model_cfg["qat_bits"]:
+            self.model.qat_active = progress >= self.cfg["qat_start"]
+        if model_cfg["recur_layers"]:
+            self.model.recurrence_active = progress >= self.cfg["recur_start"]
+
     def train_step(self, lr_scale: float = 1.0, replay=None) -> tuple[float, list]:
         """One optimizer step on the next global batch (or on a replayed one, at lr_scale × the LR)."""
+        self.switch_phases()
         lr_mul = lr_multiplier(self.step, self.elapsed_ms, self.cfg)
         for opt in self.optimizers:
             for group in opt.param_groups:
@@ -218,7 +228,8 @@ class Trainer:
         for micro, (x, y) in enumerate(batch):
             sync = self.ddp is None or micro == self.accum - 1
             with (nullcontext() if sync else self.ddp.no_sync()), autocast:
-                loss = self.step_model(x.to(self.device, torch.long), y.to(self.device, torch.long))
+                loss = self.step_model(x.to(self.device, torch.long), y.to(self.device, torch.long),
+                                       doc_isolation=self.cfg["doc_isolation"])
             (loss / self.accum).backward()
             total += loss.detach() / self.accum
         if originals is not None:

@@ -103,3 +103,26 @@ def test_gptq_reserve_shortens_the_training_budget():
     # 100 ms/step: the warmdown is the last 10 s of the 588 s budget
     assert train.lr_multiplier(5830, 583_000, cfg) == pytest.approx(0.5)
     assert train.budget_seconds({**cfg, "max_seconds": 0}) == 0
+
+
+def test_qat_switches_on_at_its_start_fraction(tiny_data, tmp_path):
+    model = {**tiny_train_config()["model"], "qat_bits": 4}
+    run_train(tiny_data, tmp_path / "plain", log_every=1)
+    run_train(tiny_data, tmp_path / "qat", log_every=1, model=model, qat_start=0.5)
+    plain, qat = losses(tmp_path / "plain"), losses(tmp_path / "qat")
+    assert qat[:15] == plain[:15]  # QAT off for the first half of the 30 steps
+    assert qat[15:] != plain[15:]
+
+
+def test_depth_recurrence_switches_on_and_learns(tiny_data, tmp_path):
+    model = {**tiny_train_config()["model"], "recur_layers": [0, 1], "recur_loops": 1}
+    summary, ckpt = run_train(tiny_data, tmp_path, log_every=1, model=model, recur_start=0.5)
+    curve = losses(tmp_path)
+    assert curve[-1] < curve[0] - 1.0
+    assert ckpt["model_config"]["recur_layers"] == [0, 1]
+
+
+def test_document_isolation_changes_training(tiny_data, tmp_path):
+    run_train(tiny_data, tmp_path / "plain", log_every=1, iterations=5)
+    run_train(tiny_data, tmp_path / "iso", log_every=1, iterations=5, doc_isolation=True)
+    assert losses(tmp_path / "iso") != losses(tmp_path / "plain")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from stages import bpb, pack
 from stages.io import read_json, sha256_file, write_json
-from stages.model import GPT, GPTConfig
+from stages.model import GPT, GPTConfig, cast_to_training_dtypes
 from stages.shards import load_tokens, manifest_shards
 
 
@@ -75,11 +75,15 @@ def score(model, tokens: np.ndarray, tables: bpb.ByteTables, seq_len: int, strid
 
 def load_model(path: Path, point: str, device) -> GPT:
     if point == "quant":
-        return pack.load_model(path, device)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval()
+        model = pack.load_model(path, device)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["state_dict"])
+        model = model.to(device).eval()
+    if device.type == "cuda":  # evaluate in the layout the baseline trains and evaluates in
+        cast_to_training_dtypes(model)
+    return model
 
 
 def run(cfg: dict, mode: str, model_path: Path, manifest_path: Path, out: Path) -> dict:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from stages import techniques
 from stages.curriculum import load_sampler
 from stages.io import atomic_path, read_json, write_json, write_text
-from stages.model import GPT, GPTConfig, param_groups
+from stages.model import GPT, GPTConfig, cast_to_training_dtypes, param_groups
 from stages.muon import Muon
 from stages.shards import manifest_shards, read_shard
 
@@ -172,6 +172,8 @@ class Trainer:
         seed_everything(seed)
         vocab = read_json(manifest)["vocab_size"]
         self.model = GPT(GPTConfig(vocab_size=vocab, **cfg["model"])).to(self.device)
+        if self.device.type == "cuda":  # the baseline's bf16/fp32 layout under autocast (parity on GPUs)
+            cast_to_training_dtypes(self.model)
         self.ddp = DDP(self.model) if self.world > 1 else None
         net = self.ddp or self.model
         self.step_model = torch.compile(net) if cfg["compile"] else net

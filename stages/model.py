@@ -296,6 +296,9 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
         # Depth recurrence is switched on by training (from a fraction of the run); when off, layers run once.
         self.recurrence_active = bool(config.recur_layers)
+        # Progressive growth: only the first active_layers blocks run; the others are skipped (and, with
+        # their zero-initialised output projections, are identities when they join).
+        self.active_layers = config.num_layers
         longest = self.layer_order()
         num_skips = min(len(longest) // 2, len(longest) - len(longest) // 2)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim, dtype=torch.float32))
@@ -351,12 +354,14 @@ class GPT(nn.Module):
         skips = []
         # U-Net: encoder outputs are added back, last-in first-out, before the decoder blocks.
         for i in encoder:
-            x = self.blocks[i](x, x0, mask)
+            if i < self.active_layers:
+                x = self.blocks[i](x, x0, mask)
             skips.append(x)
         for j, i in enumerate(decoder):
             if j < num_skips:
                 x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = self.blocks[i](x, x0, mask)
+            if i < self.active_layers:
+                x = self.blocks[i](x, x0, mask)
         x = self.head_input(rms_norm(x))
         logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         cap = self.config.logit_softcap

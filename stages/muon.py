@@ -68,7 +68,7 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
             offset = 0
             for p in params:
-                if group["weight_decay"]:  # decoupled, scaled by the current lr as in the records
+                if group["weight_decay"] and p.grad is not None:  # decoupled, times the current lr (the records)
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(updates[offset: offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()

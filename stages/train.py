@@ -174,7 +174,12 @@ class Trainer:
         self.model = GPT(GPTConfig(vocab_size=vocab, **cfg["model"])).to(self.device)
         if self.device.type == "cuda":  # the baseline's bf16/fp32 layout under autocast (parity on GPUs)
             cast_to_training_dtypes(self.model)
-        self.ddp = DDP(self.model) if self.world > 1 else None
+        grow = cfg["grow"]
+        if len(grow["depths"]) != len(grow["until"]) or any(d > cfg["model"]["num_layers"] for d in grow["depths"]):
+            raise ValueError(f"train.grow: depths {grow['depths']} and until {grow['until']} must pair up, each "
+                             f"depth at most num_layers = {cfg['model']['num_layers']}")
+        # Skipped (not yet grown) layers get no gradient, which DDP must be told about.
+        self.ddp = DDP(self.model, find_unused_parameters=bool(grow["depths"])) if self.world > 1 else None
         net = self.ddp or self.model
         self.step_model = torch.compile(net) if cfg["compile"] else net
         self.optimizers = build_optimizers(self.model, cfg["optimizer"], fused=self.device.type == "cuda")
@@ -207,13 +212,17 @@ class Trainer:
                                                  qna["magnitude"] * lr_mul, self.noise_rng)
 
     def switch_phases(self):
-        """QAT and depth recurrence start at configured fractions of the budget (set on the raw model,
-        whose flags compiled graphs read)."""
+        """QAT, depth recurrence and progressive growth follow the fraction of the budget spent (set on the
+        raw model, whose flags compiled graphs read)."""
         model_cfg, progress = self.cfg["model"], self.progress()
         if model_cfg["qat_bits"]:
             self.model.qat_active = progress >= self.cfg["qat_start"]
         if model_cfg["recur_layers"]:
             self.model.recurrence_active = progress >= self.cfg["recur_start"]
+        grow = self.cfg["grow"]
+        if grow["depths"]:
+            self.model.active_layers = next((d for d, at in zip(grow["depths"], grow["until"]) if progress < at),
+                                            model_cfg["num_layers"])
 
     def train_step(self, lr_scale: float = 1.0, replay=None) -> tuple[float, list]:
         """One optimizer step on the next global batch (or on a replayed one, at lr_scale × the LR)."""

@@ -126,3 +126,29 @@ def test_document_isolation_changes_training(tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "plain", log_every=1, iterations=5)
     run_train(tiny_data, tmp_path / "iso", log_every=1, iterations=5, doc_isolation=True)
     assert losses(tmp_path / "iso") != losses(tmp_path / "plain")
+
+
+def test_grown_layers_join_as_identities():
+    from stages.model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=64, num_layers=4, model_dim=32, num_heads=2, num_kv_heads=1))
+    with torch.no_grad():  # train-like weights in the first two blocks; blocks 2 and 3 stay at their init
+        for name, p in model.named_parameters():
+            if name.startswith(("blocks.0.", "blocks.1.")) and p.ndim == 2:
+                p.normal_(0, 0.1)
+    x = torch.randint(0, 64, (2, 16))
+    model.active_layers = 2
+    shallow = model.forward_logits(x)
+    model(x, x).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(("blocks.2.", "blocks.3.")))
+    model.active_layers = 4
+    assert torch.allclose(model.forward_logits(x), shallow, atol=1e-6)
+
+
+def test_progressive_growth_trains_new_layers_only_after_they_join(tiny_data, tmp_path):
+    model = {**tiny_train_config()["model"], "num_layers": 4}
+    summary, ckpt = run_train(tiny_data, tmp_path / "grow", model=model, grow={"depths": [2], "until": [0.5]})
+    curve = losses(tmp_path / "grow")
+    assert curve[-1] < curve[0] - 1.0
+    assert ckpt["state_dict"]["blocks.3.mlp.proj.weight"].abs().sum() > 0  # trained after joining
+    with pytest.raises(ValueError, match="train.grow"):
+        run_train(tiny_data, tmp_path / "bad", model=model, grow={"depths": [2, 3], "until": [0.5]})

@@ -41,8 +41,6 @@ def _error_text(error, prefix) -> str:
     if error.validator == "additionalProperties":
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         return "; ".join(f"{path}.{key}: unknown key" for key in extra)
-    if error.validator == "required":
-        return f"{path}: {error.message}"
     return f"{path}: {error.message}"
 
 

@@ -20,7 +20,7 @@ except ImportError:
 BOS_ID = 1  # stages.tokenize.BOS_ID: every document starts with it
 SMEAR_GATE_DIMS = 12
 CONTROL_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-                    "q_gain", "skip_weight", "skip_weights", "smear")
+                    "q_gain", "skip_weight", "skip_weights", "smear", "lane_resid", "lane_post")
 
 
 def is_control_tensor(name: str) -> bool:
@@ -258,18 +258,29 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
-        # Parallel residual (GPT-J style): attention and MLP both read the block's input. The record (#1855)
-        # instead keeps two residual lanes with learned lane weights and averages them at the end.
+        # Parallel residual lanes (the record #1855): from layer parallel_from on, attention reads lane 0 and
+        # the MLP reads lane 1; each output is added to both lanes with learned weights, and the lanes are
+        # averaged before the head. Both weights start at 1.
         self.parallel = 0 <= cfg.parallel_from <= layer
+        if self.parallel:
+            self.lane_resid = nn.Parameter(torch.ones(2))    # per sub-layer: how much each lane keeps
+            self.lane_post = nn.Parameter(torch.ones(2, 2))  # [sub-layer, lane]: how much of the output it gets
 
     def forward(self, x: Tensor, x0: Tensor, mask: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        attn = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), mask)
-        if self.parallel:
-            return x + attn + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
-        x = x + attn
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), mask)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+    def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, mask: Tensor | None = None):
+        mix = self.resid_mix.to(x0.dtype)
+        sublayers = (lambda h: self.attn_scale.to(h.dtype) * self.attn(rms_norm(h), mask),
+                     lambda h: self.mlp_scale.to(h.dtype) * self.mlp(rms_norm(h)))
+        for i, sublayer in enumerate(sublayers):
+            out = sublayer(mix[0] * lanes[i] + mix[1] * x0)
+            keep, post = self.lane_resid[i].to(x0.dtype), self.lane_post[i].to(x0.dtype)
+            lanes = (keep * lanes[0] + post[0] * out, keep * lanes[1] + post[1] * out)
+        return lanes
 
 
 class SmearGate(nn.Module):
@@ -351,17 +362,27 @@ class GPT(nn.Module):
         order = self.layer_order()
         encoder, decoder = order[: len(order) // 2], order[len(order) // 2:]
         num_skips = min(len(encoder), len(decoder))
-        skips = []
+        skips, lanes = [], None  # lanes: the two residual streams once a parallel block is reached
+
+        def run(i, x, lanes):
+            block = self.blocks[i]
+            if i >= self.active_layers:
+                return x, lanes
+            if block.parallel:
+                lanes = block.forward_lanes(lanes or (x, x), x0, mask)
+                return (lanes[0] + lanes[1]) / 2, lanes
+            return block(x, x0, mask), None
+
         # U-Net: encoder outputs are added back, last-in first-out, before the decoder blocks.
         for i in encoder:
-            if i < self.active_layers:
-                x = self.blocks[i](x, x0, mask)
+            x, lanes = run(i, x, lanes)
             skips.append(x)
         for j, i in enumerate(decoder):
             if j < num_skips:
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            if i < self.active_layers:
-                x = self.blocks[i](x, x0, mask)
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                x = x + skip
+                lanes = lanes and (lanes[0] + skip, lanes[1] + skip)
+            x, lanes = run(i, x, lanes)
         x = self.head_input(rms_norm(x))
         logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
         cap = self.config.logit_softcap

@@ -323,16 +323,25 @@ def test_xsa_removes_own_value_component(kv_heads):
     assert [b.attn.xsa for b in model.blocks] == [False, True, True]
 
 
-def test_parallel_block_reads_one_input():
+def test_parallel_lanes_follow_the_two_lane_formula():
     from stages.model import rms_norm
     torch.manual_seed(0)
     model = perturbed(GPT(tiny_config(num_layers=3, parallel_from=1)))
     assert [b.parallel for b in model.blocks] == [False, True, True]
-    block, x, x0 = model.blocks[1], torch.randn(2, 6, 32), torch.randn(2, 6, 32)
-    mixed = block.resid_mix[0] * x + block.resid_mix[1] * x0
-    expected = (mixed + block.attn_scale * block.attn(rms_norm(mixed))
-                + block.mlp_scale * block.mlp(rms_norm(mixed)))
-    assert torch.allclose(block(x, x0), expected, atol=1e-6)
+    block, x0 = model.blocks[1], torch.randn(2, 6, 32)
+    with torch.no_grad():
+        block.lane_resid.copy_(torch.tensor([0.9, 0.8]))
+        block.lane_post.copy_(torch.tensor([[1.0, 0.5], [0.25, 1.5]]))
+    lane0, lane1 = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
+    mix = block.resid_mix
+    a = block.attn_scale * block.attn(rms_norm(mix[0] * lane0 + mix[1] * x0))
+    l0, l1 = 0.9 * lane0 + 1.0 * a, 0.9 * lane1 + 0.5 * a
+    m = block.mlp_scale * block.mlp(rms_norm(mix[0] * l1 + mix[1] * x0))
+    expected = (0.8 * l0 + 0.25 * m, 0.8 * l1 + 1.5 * m)
+    got = block.forward_lanes((lane0, lane1), x0)
+    assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(got, expected))
+    names = [n for n, _ in model.named_parameters() if "lane_" in n]
+    assert names == ["blocks.1.lane_resid", "blocks.1.lane_post", "blocks.2.lane_resid", "blocks.2.lane_post"]
 
 
 def test_recurrence_order_switch_and_shared_weights():

@@ -75,8 +75,11 @@ def demo_setup():
     val = load_tokens(manifest_shards(manifest, "val"))
     tables = bpb.build_byte_tables(sp)
 
+    eval_cfg = {**yaml.safe_load((ROOT / "config.yaml").read_text())["defaults"]["evaluate"],
+                "seq_len": 128, "stride": 32, "batch_seqs": 64}
+
     def val_bpb(m):
-        s = evaluate.score(m.eval(), val, tables, 128, 32, 64, torch.device("cpu"))
+        s = evaluate.score(m.eval(), val, tables, eval_cfg, "sliding", torch.device("cpu"))
         return bpb.bits_per_byte(s["loss_sum"], s["bytes"])
 
     return model.eval(), quantize.train_calibration(manifest, cal, 1337), val_bpb, f"{ckpt_path}"

@@ -14,7 +14,7 @@ wildcard_constraints:
     key="[0-9a-f]{12}",
     seed=r"\d+",
     point="|".join(caddie.POINTS),
-    mode="standard|sliding",
+    mode="standard|sliding|ttt",
 
 
 localrules:

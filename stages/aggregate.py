@@ -23,7 +23,7 @@ from scipy import stats as st  # noqa: E402
 from stages.io import atomic_path, read_json, write_json, write_text  # noqa: E402
 
 POINTS = ("prequant", "quant")
-MODES = ("standard", "sliding")
+MODES = ("standard", "sliding", "ttt")
 RECORD_KEYS = ("arm", "seed", "point", "mode", "eval", "train_summary")
 EVAL_KEYS = ("point", "mode", "tokens", "bytes", "raw_bytes", "loss_nats", "val_bpb", "seconds")
 TRAIN_KEYS = ("steps", "train_seconds")

@@ -2,9 +2,14 @@
 
 Modes: `standard` scores non-overlapping windows of seq_len; `sliding` moves the window by `stride`
 and scores only the tokens not scored before, so every token after the first gets at least
-seq_len - stride tokens of context. Both score every val target exactly once, the tail included.
+seq_len - stride tokens of context; `ttt` scores like `sliding`, chunk by chunk, and after each
+chunk trains a copy of the model (SGD) on the tokens already scored. Every mode scores every val
+target exactly once, the tail included, and never uses a token before its score is counted. An
+online vocabulary bias (Stride-OGD, PR #316), updated after each scored chunk, is an option of
+every mode.
 """
 import argparse
+import copy
 import json
 import math
 import sys
@@ -44,33 +49,105 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.inference_mode()
-def score(model, tokens: np.ndarray, tables: bpb.ByteTables, seq_len: int, stride: int,
-          batch_seqs: int, device) -> dict:
-    """Sum of target cross-entropies (nats, float64), scored token count and byte count."""
-    windows = scoring_windows(len(tokens), seq_len, stride)
-    stream = torch.from_numpy(tokens.astype(np.int64))
-    loss_sum, count, byte_count = 0.0, 0, 0
+def window_batch(stream: torch.Tensor, batch):
+    """Inputs, targets, and the mask of scored targets for a batch of windows (padded to the widest)."""
+    width = max(end - start for start, end, _ in batch)
+    x = torch.zeros(len(batch), width, dtype=torch.long)
+    y = torch.zeros(len(batch), width, dtype=torch.long)
+    scored = torch.zeros(len(batch), width, dtype=torch.bool)
+    for row, (start, end, first) in enumerate(batch):
+        n = end - start
+        x[row, :n] = stream[start:end]
+        y[row, :n] = stream[start + 1:end + 1]
+        scored[row, first - start - 1:n] = True
+    return x, y, scored
+
+
+@torch.no_grad()
+def score_windows(model, stream, windows, batch_seqs, device, doc_isolation=False, bias=None):
+    """(target positions, their losses in nats, and the mean gradient of the loss w.r.t. `bias`)."""
+    positions, losses, grad, count = [], [], None, 0
     for i in range(0, len(windows), batch_seqs):
         batch = windows[i:i + batch_seqs]
-        width = max(end - start for start, end, _ in batch)
-        x = torch.zeros(len(batch), width, dtype=torch.long)
-        y = torch.zeros(len(batch), width, dtype=torch.long)
-        scored = torch.zeros(len(batch), width, dtype=torch.bool)
-        for row, (start, end, first) in enumerate(batch):
-            n = end - start
-            x[row, :n] = stream[start:end]
-            y[row, :n] = stream[start + 1:end + 1]
-            scored[row, first - start - 1:n] = True
+        x, y, scored = window_batch(stream, batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model.forward_logits(x.to(device))
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
-        mask = scored.flatten().to(device)
-        loss_sum += losses[mask].double().sum().item()
-        count += int(mask.sum())
-        prev, target = x.flatten()[scored.flatten()].numpy(), y.flatten()[scored.flatten()].numpy()
-        byte_count += int(bpb.target_bytes(tables, prev, target).sum())
-    return {"loss_sum": loss_sum, "tokens": count, "bytes": byte_count}
+            logits = model.forward_logits(x.to(device), doc_isolation=doc_isolation).float()
+        logits, targets = logits[scored.to(device)], y[scored].to(device)
+        if bias is not None:
+            logits = logits + bias
+            g = torch.softmax(logits, -1).sum(0) - torch.bincount(targets, minlength=logits.size(-1))
+            grad = g if grad is None else grad + g
+        losses.append(F.cross_entropy(logits, targets, reduction="none").double().cpu())
+        offsets = torch.tensor([start + 1 for start, _, _ in batch])[:, None] + torch.arange(x.size(1))
+        positions.append(offsets[scored])
+        count += int(scored.sum())
+    return torch.cat(positions), torch.cat(losses), None if grad is None else grad / max(count, 1)
+
+
+def chunks_of(windows, chunk_tokens: int):
+    """Consecutive groups of windows whose first scored target falls in the same chunk of the stream."""
+    groups = {}
+    for w in windows:
+        groups.setdefault((w[2] - 1) // chunk_tokens, []).append(w)
+    return [groups[k] for k in sorted(groups)]
+
+
+def train_on_scored(model, stream, lo: int, hi: int, cfg: dict, lr: float, device, optimizer):
+    """TTT: `epochs` passes of SGD over tokens[lo:hi+1], all of which have already been scored."""
+    seq = cfg["seq_len"]
+    starts = list(range(lo, max(hi - 1, lo), seq))
+    if not starts:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for _ in range(cfg["ttt"]["epochs"]):
+        for i in range(0, len(starts), cfg["ttt"]["batch_seqs"]):
+            batch = [(s, min(s + seq, hi), s + 1) for s in starts[i:i + cfg["ttt"]["batch_seqs"]]]
+            x, y, mask = window_batch(stream, batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model.forward_logits(x.to(device), doc_isolation=cfg["doc_isolation"]).float()
+            loss = F.cross_entropy(logits[mask.to(device)], y[mask].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg["ttt"]["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["ttt"]["grad_clip"])
+            optimizer.step()
+
+
+def token_losses(model, tokens: np.ndarray, mode: str, cfg: dict, device) -> np.ndarray:
+    """Loss (nats) of every target 1..n-1, scored chunk by chunk; after a chunk is scored, the OGD bias
+    and (mode ttt) a copy of the model learn from it, and only then is the next chunk scored."""
+    stream = torch.from_numpy(tokens.astype(np.int64))
+    stride = cfg["seq_len"] if mode == "standard" else cfg["stride"]
+    windows = scoring_windows(len(tokens), cfg["seq_len"], stride)
+    ogd, ttt = cfg["ogd"], cfg["ttt"]
+    adapts = mode == "ttt" or ogd["enabled"]
+    groups = chunks_of(windows, ttt["chunk_tokens"]) if adapts else [windows]
+    if mode == "ttt":
+        model = copy.deepcopy(model).float().train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=ttt["lr"], momentum=ttt["momentum"])
+    bias = torch.zeros(model.config.vocab_size, device=device) if ogd["enabled"] else None
+    losses = np.full(len(tokens), np.nan)
+    for k, group in enumerate(groups):
+        positions, chunk_losses, grad = score_windows(model, stream, group, cfg["batch_seqs"], device,
+                                                      cfg["doc_isolation"], bias)
+        if np.isfinite(losses[positions.numpy()]).any():
+            raise AssertionError("a target was scored twice")
+        losses[positions.numpy()] = chunk_losses.numpy()
+        if bias is not None:
+            bias -= ogd["lr"] * grad
+        if mode == "ttt" and k < len(groups) - 1:
+            lr = ttt["lr"] * 0.5 * (1 + math.cos(math.pi * k / max(len(groups) - 1, 1)))
+            train_on_scored(model, stream, max(group[0][2] - 1, 0), int(positions.max()), cfg, lr, device, optimizer)
+    return losses
+
+
+def score(model, tokens: np.ndarray, tables: bpb.ByteTables, cfg: dict, mode: str, device) -> dict:
+    """Sum of target cross-entropies (nats, float64), scored token count and byte count."""
+    losses = token_losses(model, tokens, mode, cfg, device)[1:]
+    if np.isnan(losses).any():
+        raise AssertionError(f"{int(np.isnan(losses).sum())} targets were never scored")
+    return {"loss_sum": float(losses.sum()), "tokens": len(losses), "bytes": bpb.stream_bytes(tables, tokens)}
 
 
 def load_model(path: Path, point: str, device) -> GPT:
@@ -95,9 +172,7 @@ def run(cfg: dict, mode: str, model_path: Path, manifest_path: Path, out: Path) 
     model = load_model(model_path, cfg["point"], device)
     tokens = load_tokens(manifest_shards(manifest_path, "val"), vocab_size=manifest["vocab_size"])
     stride = cfg["seq_len"] if mode == "standard" else cfg["stride"]
-    sums = score(model, tokens, tables, cfg["seq_len"], stride, cfg["batch_seqs"], device)
-    if sums["tokens"] != len(tokens) - 1:
-        raise AssertionError(f"scored {sums['tokens']} targets of {len(tokens) - 1}")
+    sums = score(model, tokens, tables, cfg, mode, device)
     result = {
         "point": cfg["point"], "mode": mode, "tokens": sums["tokens"], "bytes": sums["bytes"],
         "raw_bytes": manifest.get("val_raw_bytes"), "loss_nats": sums["loss_sum"] / sums["tokens"],
@@ -106,6 +181,7 @@ def run(cfg: dict, mode: str, model_path: Path, manifest_path: Path, out: Path) 
         "model": str(model_path), "model_sha256": sha256_file(model_path), "device": str(device),
         "config": cfg, "seconds": round(time.time() - start, 3),
     }
+    result["over_budget"] = bool(cfg["budget_seconds"]) and result["seconds"] > cfg["budget_seconds"]
     if not math.isfinite(result["val_bpb"]):
         raise FloatingPointError(f"{model_path}: val_bpb is {result['val_bpb']}")
     write_json(out, result)
@@ -115,7 +191,7 @@ def run(cfg: dict, mode: str, model_path: Path, manifest_path: Path, out: Path) 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the evaluate section plus its point, as JSON")
-    parser.add_argument("--mode", required=True, choices=["standard", "sliding"])
+    parser.add_argument("--mode", required=True, choices=["standard", "sliding", "ttt"])
     parser.add_argument("--model", required=True, type=Path, help="model.pt (prequant) or artifact.bin (quant)")
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)

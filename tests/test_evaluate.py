@@ -43,10 +43,20 @@ def flat_tables(vocab):
     return bpb.ByteTables(np.ones(vocab, dtype=np.int16), np.zeros(vocab, bool), np.zeros(vocab, bool))
 
 
+def eval_config(**overrides):
+    cfg = {"seq_len": 32, "stride": 8, "batch_seqs": 8, "device": "cpu", "doc_isolation": False,
+           "ttt": {"chunk_tokens": 64, "epochs": 1, "lr": 0.01, "momentum": 0.9, "grad_clip": 1.0, "batch_seqs": 4},
+           "ogd": {"enabled": False, "lr": 0.5}, "budget_seconds": 0, "point": "prequant"}
+    cfg.update(overrides)
+    return cfg
+
+
+CPU = torch.device("cpu")
+
+
 def test_standard_score_equals_direct_cross_entropy():
     model, tokens = tiny_model(), np.random.default_rng(0).integers(0, 64, 301)
-    got = evaluate.score(model, tokens, flat_tables(64), seq_len=50, stride=50, batch_seqs=4,
-                         device=torch.device("cpu"))
+    got = evaluate.score(model, tokens, flat_tables(64), eval_config(seq_len=50, batch_seqs=4), "standard", CPU)
     expected = 0.0
     for s in range(0, 300, 50):
         x = torch.tensor(tokens[s:s + 50])[None]
@@ -56,15 +66,60 @@ def test_standard_score_equals_direct_cross_entropy():
     assert got["loss_sum"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_sliding_with_stride_equal_to_seq_len_is_standard_and_more_context_helps_a_trained_pattern():
+def test_sliding_with_stride_equal_to_seq_len_is_standard_and_batching_changes_nothing():
     model, tokens = tiny_model(), np.random.default_rng(1).integers(0, 64, 257)
-    cpu = torch.device("cpu")
-    a = evaluate.score(model, tokens, flat_tables(64), 32, 32, 8, cpu)
-    b = evaluate.score(model, tokens, flat_tables(64), 32, 32, 3, cpu)
-    assert a["loss_sum"] == pytest.approx(b["loss_sum"], rel=1e-6)  # batching does not change results
-    c = evaluate.score(model, tokens, flat_tables(64), 32, 8, 8, cpu)
+    tables = flat_tables(64)
+    a = evaluate.score(model, tokens, tables, eval_config(stride=32), "sliding", CPU)
+    b = evaluate.score(model, tokens, tables, eval_config(stride=32, batch_seqs=3), "sliding", CPU)
+    s = evaluate.score(model, tokens, tables, eval_config(), "standard", CPU)
+    assert a["loss_sum"] == pytest.approx(b["loss_sum"], rel=1e-6) == pytest.approx(s["loss_sum"], rel=1e-6)
+    c = evaluate.score(model, tokens, tables, eval_config(stride=8), "sliding", CPU)
     assert c["tokens"] == a["tokens"] == 256
     assert c["loss_sum"] != pytest.approx(a["loss_sum"], rel=1e-9)  # contexts differ, so losses do
+
+
+MODES = [("standard", False), ("sliding", False), ("ttt", False), ("sliding", True), ("ttt", True)]
+
+
+@pytest.mark.parametrize("mode, ogd", MODES, ids=[f"{m}{'+ogd' if o else ''}" for m, o in MODES])
+@pytest.mark.parametrize("p", [1, 37, 100, 150])
+def test_scores_before_p_do_not_depend_on_tokens_from_p_on(mode, ogd, p):
+    """Score first: changing tokens at positions >= p leaves the losses of targets < p unchanged, and
+    every target is scored exactly once."""
+    model = tiny_model()
+    tokens = np.random.default_rng(2).integers(2, 64, 200)
+    tokens[::23] = 1  # documents
+    cfg = eval_config(ogd={"enabled": ogd, "lr": 0.5}, doc_isolation=mode == "ttt")
+    before = evaluate.token_losses(model, tokens, mode, cfg, CPU)
+    changed = tokens.copy()
+    changed[p:] = np.random.default_rng(3).integers(2, 64, len(tokens) - p)
+    after = evaluate.token_losses(model, changed, mode, cfg, CPU)
+    assert np.isnan(before[0]) and not np.isnan(before[1:]).any()  # all 199 targets, once each
+    assert np.array_equal(before[1:p], after[1:p])
+    assert not np.array_equal(before[p:], after[p:])
+
+
+def test_ttt_and_ogd_change_the_scores_and_leave_the_model_untouched():
+    model, tokens = tiny_model(), np.random.default_rng(4).integers(2, 64, 400)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    sliding = evaluate.score(model, tokens, flat_tables(64), eval_config(), "sliding", CPU)
+    ttt = evaluate.score(model, tokens, flat_tables(64), eval_config(), "ttt", CPU)
+    ogd = evaluate.score(model, tokens, flat_tables(64), eval_config(ogd={"enabled": True, "lr": 0.5}),
+                         "sliding", CPU)
+    assert ttt["tokens"] == ogd["tokens"] == sliding["tokens"] == 399
+    assert ttt["loss_sum"] != pytest.approx(sliding["loss_sum"], rel=1e-6)
+    assert ogd["loss_sum"] != pytest.approx(sliding["loss_sum"], rel=1e-6)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_ttt_learns_a_repeating_text():
+    model, block = tiny_model(), np.random.default_rng(5).integers(2, 64, 50)
+    tokens = np.tile(block, 12)
+    cfg = eval_config(ttt={"chunk_tokens": 100, "epochs": 4, "lr": 0.2, "momentum": 0.9, "grad_clip": 1.0,
+                           "batch_seqs": 4})
+    sliding = evaluate.score(model, tokens, flat_tables(64), cfg, "sliding", CPU)
+    ttt = evaluate.score(model, tokens, flat_tables(64), cfg, "ttt", CPU)
+    assert ttt["loss_sum"] < 0.7 * sliding["loss_sum"]  # measured: 0.60
 
 
 def test_run_writes_the_result_json(tiny_data, tmp_path):
@@ -72,7 +127,7 @@ def test_run_writes_the_result_json(tiny_data, tmp_path):
     model = tiny_model(vocab=manifest["vocab_size"])
     ckpt = tmp_path / "model.pt"
     torch.save({"state_dict": model.state_dict(), "model_config": model.config.to_dict()}, ckpt)
-    cfg = {"seq_len": 64, "stride": 16, "batch_seqs": 16, "device": "cpu", "point": "prequant"}
+    cfg = eval_config(seq_len=64, stride=16, batch_seqs=16)
     out = tmp_path / "sliding.json"
     result = evaluate.run(cfg, "sliding", ckpt, tiny_data["manifest"], out)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))

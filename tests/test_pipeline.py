@@ -24,6 +24,7 @@ def tiny_config() -> dict:
     d["train"].update(seq_len=32, batch_tokens=512, iterations=20, warmdown_iters=5, checkpoint_every=0)
     d["quantize"]["calibration"].update(batches=2, batch_seqs=8, seq_len=32)
     d["evaluate"].update(seq_len=32, stride=16, batch_seqs=64)
+    d["evaluate"]["ttt"].update(chunk_tokens=2048, batch_seqs=8)
     return cfg
 
 
@@ -61,9 +62,9 @@ def test_full_run_produces_every_output(workdir):
     for name in ("results.csv", "stats.json", "report.md", "figures/val_bpb_by_point.png",
                  "figures/quant_gap.png"):
         assert (workdir / "reports" / name).stat().st_size > 0
-    arms = len(tiny_config()["arms"])
+    arms, modes = len(tiny_config()["arms"]), len(tiny_config()["defaults"]["evaluate"]["modes"])
     results = (workdir / "reports" / "results.csv").read_text().splitlines()
-    assert len(results) == 1 + arms * 2 * 2 * 2  # header + arms x seeds x points x modes
+    assert len(results) == 1 + arms * 2 * 2 * modes  # header + arms x seeds x points x modes
     trains = list((workdir / "artifacts" / "train").glob("*/seed*/model.pt"))
     assert len(trains) == 2  # arms that differ only in quantization share the training runs
     assert len(list((workdir / "artifacts" / "quantize").glob("*/seed*/artifact.bin"))) == arms * 2
@@ -82,9 +83,9 @@ def test_changing_a_quantize_setting_reruns_only_what_follows(workdir):
         jobs = planned_jobs(workdir)
     finally:
         write_config(workdir, tiny_config())
-    arms = len(cfg["arms"])
+    arms, modes = len(cfg["arms"]), len(cfg["defaults"]["evaluate"]["modes"])
     assert jobs.get("quantize") == arms * 2 and jobs.get("aggregate") == 1
-    assert jobs.get("evaluate") == arms * 2 * 2  # quant point only: arms x seeds x modes
+    assert jobs.get("evaluate") == arms * 2 * modes  # quant point only: arms x seeds x modes
     for upstream in ("tokenize", "curriculum", "train"):
         assert upstream not in jobs
     assert planned_jobs(workdir) == {}  # switching back finds the old outputs

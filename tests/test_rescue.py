@@ -1,0 +1,127 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_quantize_config
+from stages import pack, quantize, rescue
+from stages.shards import load_tokens, manifest_shards
+
+TARGETS = ["attn.c_q", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj"]
+
+
+def rescue_config(lcq=True, calibrate=False) -> dict:
+    return {"lcq": {"enabled": lcq, "rank": 4, "targets": TARGETS, "factor_bits": 6, "steps": 40, "lr": 3e-3,
+                    "temperature": 1.0},
+            "calibrate": {"enabled": calibrate, "iterations": 30, "lr": 1e-2},
+            "data": {"batches": 4, "batch_seqs": 8, "seq_len": 64, "holdout_batches": 2}}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoint, tiny_data, tmp_path_factory):
+    """4-bit artifacts (damage to rescue), without and with LQER factors of their own."""
+    out = tmp_path_factory.mktemp("quantize")
+    for name, lqer in (("plain", {"rank": 0, "top_k": 3, "factor_bits": 4}),
+                       ("lqer", {"rank": 2, "top_k": 3, "factor_bits": 4})):
+        quantize.run(tiny_quantize_config(bits=4, lqer=lqer), tiny_checkpoint, tiny_data["manifest"], 1,
+                     out / f"{name}.bin", out / f"{name}.json")
+    return out
+
+
+def run(cfg, quantized, tiny_checkpoint, tiny_data, tmp_path, source="plain", summary=None):
+    return rescue.run(cfg, quantized / f"{source}.bin", summary or quantized / f"{source}.json", tiny_checkpoint,
+                      tiny_data["manifest"], 1, tmp_path / "rescued.bin", tmp_path / "rescued.json")
+
+
+def entries_of(path):
+    return pack.unpack_tensors(pack.decompress(path.read_bytes()))[1]
+
+
+def factor_bytes(e) -> int:
+    return sum(e[f].nbytes for f in ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale") if f in e)
+
+
+def check_lora_round_trips(summary, before_path, after_path) -> int:
+    """Trained tensors carry prior + new rank in their decoded LQER fields and decode to new weights; the
+    others are unchanged. Returns the stored bytes the factors added."""
+    before = {e["name"]: e for e in entries_of(before_path)}
+    trained = {t["name"]: t for t in summary["trained"]["lcq"]["tensors"]}
+    assert trained and all(any(t in n for t in TARGETS) for n in trained) and "tok_emb.weight" not in trained
+    added = 0
+    for e in entries_of(after_path):
+        old = before[e["name"]]
+        if e["name"] in trained:
+            rank = old.get("lqer_rank", 0) + 4
+            assert e["lqer_rank"] == trained[e["name"]]["lqer_rank"] == rank and e["lqer_bits"] == 6
+            assert pack.codes(e, "lqer_a").shape == (e["shape"][0], rank)
+            assert pack.codes(e, "lqer_b").shape == (rank, e["shape"][1])
+            assert not torch.equal(pack.reconstruct(e), pack.reconstruct(old))
+            added += factor_bytes(e) - factor_bytes(old)
+        elif e["kind"] == "rows":
+            assert torch.equal(pack.reconstruct(e), pack.reconstruct(old)), e["name"]
+    return added
+
+
+def test_lcq_stores_its_lora_in_the_artifact_and_lowers_kl(quantized, tiny_checkpoint, tiny_data, tmp_path):
+    s = run(rescue_config(), quantized, tiny_checkpoint, tiny_data, tmp_path)
+    assert s["kl_after"] < 0.9 * s["kl_before"] and s["trained"]["lcq"]["last_kl"] < s["trained"]["lcq"]["first_kl"]
+    added = check_lora_round_trips(s, quantized / "plain.bin", tmp_path / "rescued.bin")
+    assert s["lora_bytes"] == s["model_bytes"] - s["model_bytes_before"] > 0
+    assert 0.5 * added < s["lora_bytes"] < 1.2 * added  # the factors, compressed, are what the bytes grew by
+    assert s["model_bytes"] == (tmp_path / "rescued.bin").stat().st_size
+    assert s["total_bytes"] == s["model_bytes"] + s["code_bytes"] and s["headroom_bytes"] > 0
+    x = torch.arange(32)[None] % 500
+    old, new = pack.load_model(quantized / "plain.bin"), pack.load_model(tmp_path / "rescued.bin")
+    assert not torch.allclose(old.forward_logits(x), new.forward_logits(x))
+    assert json.loads((tmp_path / "rescued.json").read_text())["kl_after"] == s["kl_after"]
+
+
+def test_calibration_refits_only_control_tensors_and_lowers_kl(quantized, tiny_checkpoint, tiny_data, tmp_path):
+    s = run(rescue_config(lcq=False, calibrate=True), quantized, tiny_checkpoint, tiny_data, tmp_path)
+    assert s["kl_after"] < s["kl_before"] and "lcq" not in s["trained"]
+    assert "blocks.0.attn_scale" in s["trained"]["calibrate"]["tensors"]
+    changed = set()
+    for a, b in zip(entries_of(quantized / "plain.bin"), entries_of(tmp_path / "rescued.bin")):
+        assert a["name"] == b["name"] and a["kind"] == b["kind"]
+        if a["kind"] == "rows":
+            assert np.array_equal(pack.codes(a, "data"), pack.codes(b, "data")) and "lqer_a" not in b
+        elif not np.array_equal(a["data"], b["data"]):
+            assert b["data"].dtype == a["data"].dtype
+            changed.add(a["name"])
+    assert changed and changed <= set(s["trained"]["calibrate"]["tensors"])
+
+
+def test_both_fits_extend_existing_lqer_factors(quantized, tiny_checkpoint, tiny_data, tmp_path):
+    s = run(rescue_config(calibrate=True), quantized, tiny_checkpoint, tiny_data, tmp_path, "lqer")
+    assert list(s["trained"]) == ["lcq", "calibrate"] and s["kl_after"] < 0.9 * s["kl_before"]
+    check_lora_round_trips(s, quantized / "lqer.bin", tmp_path / "rescued.bin")
+    assert any(t["prior_lqer_rank"] == 2 for t in s["trained"]["lcq"]["tensors"])
+    before = {e["name"]: e for e in entries_of(quantized / "lqer.bin")}
+    assert any(not np.array_equal(e["data"], before[e["name"]]["data"])
+               for e in entries_of(tmp_path / "rescued.bin") if e["name"] in s["trained"]["calibrate"]["tensors"])
+
+
+def test_neither_fit_enabled_refuses_to_run(quantized, tiny_checkpoint, tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="neither rescue.lcq nor rescue.calibrate is enabled"):
+        run(rescue_config(lcq=False), quantized, tiny_checkpoint, tiny_data, tmp_path)
+
+
+def test_over_the_cap_fails_and_writes_nothing(quantized, tiny_checkpoint, tiny_data, tmp_path):
+    cfg = rescue_config()
+    cfg["lcq"]["steps"] = 2
+    qsum = json.loads((quantized / "plain.json").read_text())
+    qsum["cap_bytes"] = qsum["total_bytes"] + 100  # less headroom than the factors take
+    (tmp_path / "tight.json").write_text(json.dumps(qsum))
+    with pytest.raises(quantize.QuantizationError, match=r"rescue: .* over quantize.cap_bytes"):
+        run(cfg, quantized, tiny_checkpoint, tiny_data, tmp_path, summary=tmp_path / "tight.json")
+    assert not (tmp_path / "rescued.bin").exists() and not (tmp_path / "rescued.json").exists()
+
+
+def test_batches_are_train_tokens_only_and_held_out_differs(tiny_data):
+    data = rescue_config()["data"]
+    fit, holdout = rescue.train_batches(tiny_data["manifest"], data, seed=1)
+    assert len(fit) == 4 and len(holdout) == 2 and fit[0].shape == (8, 64)
+    train = load_tokens(manifest_shards(tiny_data["manifest"], "train")).tobytes()
+    assert all(np.asarray(row, dtype=np.uint16).tobytes() in train for b in fit + holdout for row in b)
+    assert not any(torch.equal(f, h) for f in fit for h in holdout)

@@ -12,6 +12,7 @@ include: "rules/tokenize.smk"
 include: "rules/curriculum.smk"
 include: "rules/train.smk"
 include: "rules/quantize.smk"
+include: "rules/rescue.smk"
 include: "rules/evaluate.smk"
 include: "rules/aggregate.smk"
 

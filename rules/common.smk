@@ -23,6 +23,7 @@ localrules:
     all_curriculum,
     all_train,
     all_quantize,
+    all_rescue,
     all_evaluate,
 
 
@@ -51,6 +52,23 @@ def quantize_dir(key, seed):
     return f"artifacts/quantize/{key}/seed{seed}"
 
 
+def rescue_dir(key, seed):
+    return f"artifacts/rescue/{key}/seed{seed}"
+
+
+def rescue_train_key(key):
+    return upstream("quantize", upstream("rescue", key, "quantize"), "train")
+
+
+def artifact_summary(keys, point, seed):
+    """The summary that gives a point's artifact bytes (None for the prequant checkpoint)."""
+    if point == "quant":
+        return f"{quantize_dir(keys['quantize'], seed)}/summary.json"
+    if point == "rescue":
+        return f"{rescue_dir(keys['rescue'], seed)}/summary.json"
+    return None
+
+
 def eval_path(point, key, seed, mode):
     return f"artifacts/evaluate/{point}/{key}/seed{seed}/{mode}.json"
 
@@ -68,6 +86,8 @@ def arm_outputs(stage):
                 paths.add(f"{train_dir(keys['train'], seed)}/model.pt")
             elif stage == "quantize":
                 paths.add(f"{quantize_dir(keys['quantize'], seed)}/artifact.bin")
+            elif stage == "rescue" and "rescue" in keys:
+                paths.add(f"{rescue_dir(keys['rescue'], seed)}/artifact.bin")
             elif stage == "evaluate":
                 paths |= {eval_path(p, k, seed, m) for p, k in keys["evaluate"].items() for m in keys["modes"]}
     return sorted(paths)
@@ -80,11 +100,10 @@ def aggregate_runs():
         for seed in config["seeds"]:
             for point, key in keys["evaluate"].items():
                 for mode in keys["modes"]:
-                    quant = f"{quantize_dir(keys['quantize'], seed)}/summary.json"
                     runs.append({"arm": arm, "seed": seed, "point": point, "mode": mode,
                                  "eval": eval_path(point, key, seed, mode),
                                  "train_summary": f"{train_dir(keys['train'], seed)}/summary.json",
-                                 "quantize_summary": quant if point == "quant" else None})
+                                 "quantize_summary": artifact_summary(keys, point, seed)})
     return runs
 
 
@@ -110,6 +129,11 @@ rule all_train:
 rule all_quantize:
     input:
         arm_outputs("quantize"),
+
+
+rule all_rescue:
+    input:
+        arm_outputs("rescue"),
 
 
 rule all_evaluate:

@@ -3,12 +3,19 @@ def eval_model(wc):
     inputs = PLAN["stages"]["evaluate"][wc.key]["inputs"]
     if wc.point == "prequant":
         return f"{train_dir(inputs['train'], wc.seed)}/model.pt"
+    if wc.point == "rescue":
+        return f"{rescue_dir(inputs['rescue'], wc.seed)}/artifact.bin"
     return f"{quantize_dir(inputs['quantize'], wc.seed)}/artifact.bin"
 
 
 def eval_manifest(wc):
     inputs = PLAN["stages"]["evaluate"][wc.key]["inputs"]
-    train_key = inputs.get("train") or upstream("quantize", inputs["quantize"], "train")
+    if "train" in inputs:
+        train_key = inputs["train"]
+    elif "quantize" in inputs:
+        train_key = upstream("quantize", inputs["quantize"], "train")
+    else:
+        train_key = rescue_train_key(inputs["rescue"])
     return manifest_path(upstream("train", train_key, "tokenize"))
 
 

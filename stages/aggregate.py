@@ -22,7 +22,7 @@ from scipy import stats as st  # noqa: E402
 
 from stages.io import atomic_path, read_json, write_json, write_text  # noqa: E402
 
-POINTS = ("prequant", "quant")
+POINTS = ("prequant", "quant", "rescue")
 MODES = ("standard", "sliding", "ttt")
 RECORD_KEYS = ("arm", "seed", "point", "mode", "eval", "train_summary")
 EVAL_KEYS = ("point", "mode", "tokens", "bytes", "raw_bytes", "loss_nats", "val_bpb", "seconds")
@@ -74,9 +74,9 @@ def load_results(runs) -> pd.DataFrame:
                              f"the runs record {rec['point']}/{rec['mode']}")
         tr = _load(rec["train_summary"], TRAIN_KEYS)
         artifact = None
-        if rec["point"] == "quant":
+        if rec["point"] != "prequant":  # an artifact: the quantize (or rescue) summary gives its bytes
             if not rec.get("quantize_summary"):
-                raise ValueError(f"runs[{i}]: quant record needs 'quantize_summary'")
+                raise ValueError(f"runs[{i}]: {rec['point']} record needs 'quantize_summary'")
             artifact = _load(rec["quantize_summary"], QUANT_KEYS)["total_bytes"]
         rows.append({"arm": str(rec["arm"]), "seed": int(rec["seed"]), "point": rec["point"],
                      "mode": rec["mode"], **{k: ev[k] for k in EVAL_KEYS[2:]},
@@ -119,15 +119,16 @@ def group_stats(df, confidence):
     return groups
 
 
-def paired_gaps(df):
-    """Per (arm, mode): DataFrame indexed by seed with prequant, quant and gap, seeds in both only."""
+def paired_gaps(df, before="prequant", after="quant"):
+    """Per (arm, mode): DataFrame indexed by seed with the two points and gap = after − before,
+    seeds that have both only."""
     out = {}
     for (arm, mode), g in df.groupby(["arm", "mode"], sort=False):
         wide = g.pivot(index="seed", columns="point", values="val_bpb")
-        if set(POINTS) <= set(wide.columns):
-            wide = wide[list(POINTS)].dropna()
+        if {before, after} <= set(wide.columns):
+            wide = wide[[before, after]].dropna()
             if len(wide):
-                out[(arm, mode)] = wide.assign(gap=wide["quant"] - wide["prequant"])
+                out[(arm, mode)] = wide.assign(gap=wide[after] - wide[before])
     return out
 
 
@@ -153,15 +154,15 @@ def paired_t(pre, post):
             "p_two_sided": _num(two.pvalue), "p_one_sided_greater": _num(one.pvalue)}
 
 
-def quant_gap_stats(df):
-    """quant_gap[arm][mode]: per-seed quant - prequant val_bpb and a paired t-test."""
+def quant_gap_stats(df, before="prequant", after="quant"):
+    """[arm][mode]: per-seed after − before val_bpb (the quantization gap by default) and a paired t-test."""
     result = {}
-    for (arm, mode), w in paired_gaps(df).items():
+    for (arm, mode), w in paired_gaps(df, before, after).items():
         gaps = w["gap"].to_numpy()
         entry = {"n": len(gaps), "gaps": {str(k): float(v) for k, v in w["gap"].items()},
                  "mean": float(gaps.mean()),
                  "std": float(gaps.std(ddof=1)) if len(gaps) >= 2 else None,
-                 **paired_t(w["prequant"].to_numpy(), w["quant"].to_numpy())}
+                 **paired_t(w[before].to_numpy(), w[after].to_numpy())}
         result.setdefault(arm, {})[mode] = entry
     return result
 
@@ -225,9 +226,15 @@ def render_markdown(stats):
     groups = [(a, p, m, s["n"], f"{_f(s['mean'])} ± {_f(s['std'])}",
                "–" if s["ci_low"] is None else f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}]")
               for a, p, m, s in _leaves(stats["groups"], 3)]
-    gaps = [(a, m, q["n"], f"{_f(q['mean'])} ± {_f(q['std'])}", _f(q["t"], ".2f"), _f(q["df"], "d"),
-             _f(q["p_two_sided"], ".3g"), _f(q["p_one_sided_greater"], ".3g"))
-            for a, m, q in _leaves(stats["quant_gap"], 2)]
+    def gap_rows(section):
+        return [(a, m, q["n"], f"{_f(q['mean'])} ± {_f(q['std'])}", _f(q["t"], ".2f"), _f(q["df"], "d"),
+                 _f(q["p_two_sided"], ".3g"), _f(q["p_one_sided_greater"], ".3g"))
+                for a, m, q in _leaves(stats[section], 2)]
+
+    gaps, rescue = gap_rows("quant_gap"), gap_rows("rescue_gain")
+    rescue_table = ["## Rescue (rescue − quant, paired by seed; negative = recovered)", "",
+                    *_table(["arm", "mode", "n", "mean ± std", "t", "df", "p (two-sided)", "p (> 0)"], rescue)
+                    ] if rescue else []
     versus = [(a, p, m, f"{c['n_arm']}/{c['n_baseline']}", f"{c['diff']:+.4f}", _f(c["t"], ".2f"),
                _f(c["p_less"], ".3g"), f"{c['threshold_bpb']:.4f}", "yes" if c["meets_threshold"] else "no")
               for a, p, m, c in _leaves(stats["vs_baseline"], 3)]
@@ -237,6 +244,7 @@ def render_markdown(stats):
              *_table(["arm", "point", "mode", "n", "mean ± std", f"{conf} CI"], groups),
              "## Quantization gap (quant − prequant, paired by seed)", "",
              *_table(["arm", "mode", "n", "mean gap ± std", "t", "df", "p (two-sided)", "p (gap > 0)"], gaps),
+             *rescue_table,
              f"## Versus baseline (Welch, one-sided arm < baseline; meets = gain ≥ threshold and p < {THRESHOLD_P})",
              "", *_table(["arm", "point", "mode", "n (arm/base)", "diff", "t", "p", "threshold_bpb", "meets"],
                          versus),
@@ -276,7 +284,8 @@ def _finish(fig, axes, colours, labels, extra=()):
 
 def plot_val_bpb_by_point(df, path):
     fig, axes, colours = _panels(df)
-    slots = [(a, p) for a in sorted(df["arm"].unique()) for p in POINTS]
+    present = set(zip(df["arm"], df["point"]))
+    slots = [(a, p) for a in sorted(df["arm"].unique()) for p in POINTS if (a, p) in present]
     for ax, mode in axes:
         for x, (arm, point) in enumerate(slots):
             g = df[(df["arm"] == arm) & (df["point"] == point) & (df["mode"] == mode)]
@@ -320,6 +329,7 @@ def json_safe(obj):
 def build_stats(df, baseline, confidence):
     return json_safe({"baseline_arm": baseline, "confidence": confidence,
                       "groups": group_stats(df, confidence), "quant_gap": quant_gap_stats(df),
+                      "rescue_gain": quant_gap_stats(df, "quant", "rescue"),
                       "vs_baseline": compare_to_baseline(df, baseline)})
 
 

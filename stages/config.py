@@ -15,7 +15,7 @@ import yaml
 
 STAGES_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = STAGES_DIR.parent / "schemas" / "config.schema.yaml"
-POINTS = ("prequant", "quant")
+POINTS = ("prequant", "quant", "rescue")
 
 
 class ConfigError(ValueError):
@@ -95,7 +95,7 @@ def plan(config: dict) -> dict:
     Returns {"stages": {stage: {key: {"config": ..., "inputs": {stage: key}}}},
              "arms": {arm: {stage: key, "evaluate": {point: key}}}}.
     """
-    stages = {s: {} for s in ("tokenize", "curriculum", "train", "quantize", "evaluate")}
+    stages = {s: {} for s in ("tokenize", "curriculum", "train", "quantize", "rescue", "evaluate")}
     arms = {}
 
     def add(stage, section, inputs):
@@ -121,6 +121,11 @@ def plan(config: dict) -> dict:
             "prequant": add("evaluate", {**eval_section, "point": "prequant"}, {"train": keys["train"]}),
             "quant": add("evaluate", {**eval_section, "point": "quant"}, {"quantize": keys["quantize"]}),
         }
+        rescue = cfg["rescue"]
+        if rescue["lcq"]["enabled"] or rescue["calibrate"]["enabled"]:  # else no rescue point at all
+            keys["rescue"] = add("rescue", rescue, {"quantize": keys["quantize"]})
+            keys["evaluate"]["rescue"] = add("evaluate", {**eval_section, "point": "rescue"},
+                                             {"rescue": keys["rescue"]})
         keys["modes"] = list(cfg["evaluate"]["modes"])
         arms[arm] = keys
     return {"stages": stages, "arms": arms}

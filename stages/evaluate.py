@@ -1,4 +1,4 @@
-"""evaluate: val_bpb of a checkpoint (point prequant) or an artifact (point quant).
+"""evaluate: val_bpb of a checkpoint (point prequant) or an artifact (points quant and rescue).
 
 Modes: `standard` scores non-overlapping windows of seq_len; `sliding` moves the window by `stride`
 and scores only the tokens not scored before, so every token after the first gets at least
@@ -151,7 +151,7 @@ def score(model, tokens: np.ndarray, tables: bpb.ByteTables, cfg: dict, mode: st
 
 
 def load_model(path: Path, point: str, device) -> GPT:
-    if point == "quant":
+    if point in ("quant", "rescue"):  # artifacts
         model = pack.load_model(path, device)
     else:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -192,7 +192,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the evaluate section plus its point, as JSON")
     parser.add_argument("--mode", required=True, choices=["standard", "sliding", "ttt"])
-    parser.add_argument("--model", required=True, type=Path, help="model.pt (prequant) or artifact.bin (quant)")
+    parser.add_argument("--model", required=True, type=Path, help="model.pt (prequant) or artifact.bin")
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, default_config
+from stages import config as caddie
 
 pytestmark = pytest.mark.pipeline
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -23,6 +24,8 @@ def tiny_config() -> dict:
     d["train"]["model"].update(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
     d["train"].update(seq_len=32, batch_tokens=512, iterations=20, warmdown_iters=5, checkpoint_every=0)
     d["quantize"]["calibration"].update(batches=2, batch_seqs=8, seq_len=32)
+    d["rescue"]["lcq"]["steps"] = 10
+    d["rescue"]["data"].update(batches=2, batch_seqs=8, seq_len=32, holdout_batches=1)
     d["evaluate"].update(seq_len=32, stride=16, batch_seqs=64)
     d["evaluate"]["ttt"].update(chunk_tokens=2048, batch_seqs=8)
     return cfg
@@ -67,7 +70,13 @@ def test_full_run_produces_every_output(workdir):
     assert len(results) == 1 + arms * 2 * 2 * modes  # header + arms x seeds x points x modes
     trains = list((workdir / "artifacts" / "train").glob("*/seed*/model.pt"))
     assert len(trains) == 2  # arms that differ only in quantization share the training runs
-    assert len(list((workdir / "artifacts" / "quantize").glob("*/seed*/artifact.bin"))) == arms * 2
+    plan = caddie.plan(tiny_config())
+    assert len(list((workdir / "artifacts" / "quantize").glob("*/seed*/artifact.bin"))) == \
+        len(plan["stages"]["quantize"]) * 2  # arms with the same quantize settings share artifacts
+    rescued = [a for a, keys in plan["arms"].items() if "rescue" in keys]
+    assert rescued and len(list((workdir / "artifacts" / "rescue").glob("*/seed*/artifact.bin"))) == \
+        len(rescued) * 2
+    assert "## Rescue" in (workdir / "reports" / "report.md").read_text()
     assert len(list((workdir / "benchmarks" / "train").glob("*/seed*.tsv"))) == 2
 
 
@@ -83,9 +92,12 @@ def test_changing_a_quantize_setting_reruns_only_what_follows(workdir):
         jobs = planned_jobs(workdir)
     finally:
         write_config(workdir, tiny_config())
-    arms, modes = len(cfg["arms"]), len(cfg["defaults"]["evaluate"]["modes"])
-    assert jobs.get("quantize") == arms * 2 and jobs.get("aggregate") == 1
-    assert jobs.get("evaluate") == arms * 2 * modes  # quant point only: arms x seeds x modes
+    plan = caddie.plan(cfg)
+    quantizers, modes = len(plan["stages"]["quantize"]), len(cfg["defaults"]["evaluate"]["modes"])
+    rescues = len(plan["stages"]["rescue"])
+    assert jobs.get("quantize") == quantizers * 2 and jobs.get("aggregate") == 1
+    assert jobs.get("rescue") == rescues * 2  # downstream of quantize, so it reruns too
+    assert jobs.get("evaluate") == (quantizers + rescues) * 2 * modes  # quant and rescue points only
     for upstream in ("tokenize", "curriculum", "train"):
         assert upstream not in jobs
     assert planned_jobs(workdir) == {}  # switching back finds the old outputs

@@ -24,6 +24,7 @@ def tiny_config() -> dict:
     d["train"]["model"].update(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
     d["train"].update(seq_len=32, batch_tokens=512, iterations=20, warmdown_iters=5, checkpoint_every=0)
     d["quantize"]["calibration"].update(batches=2, batch_seqs=8, seq_len=32)
+    d["quantize"]["keep_float_max_numel"] = 256  # the 32-wide model's matrices are small
     d["rescue"]["lcq"]["steps"] = 10
     d["rescue"]["data"].update(batches=2, batch_seqs=8, seq_len=32, holdout_batches=1)
     d["evaluate"].update(seq_len=32, stride=16, batch_seqs=64)
@@ -65,9 +66,10 @@ def test_full_run_produces_every_output(workdir):
     for name in ("results.csv", "stats.json", "report.md", "figures/val_bpb_by_point.png",
                  "figures/quant_gap.png"):
         assert (workdir / "reports" / name).stat().st_size > 0
-    arms, modes = len(tiny_config()["arms"]), len(tiny_config()["defaults"]["evaluate"]["modes"])
+    modes = len(tiny_config()["defaults"]["evaluate"]["modes"])
     results = (workdir / "reports" / "results.csv").read_text().splitlines()
-    assert len(results) == 1 + arms * 2 * 2 * modes  # header + arms x seeds x points x modes
+    points = sum(len(keys["evaluate"]) for keys in caddie.plan(tiny_config())["arms"].values())
+    assert len(results) == 1 + points * 2 * modes  # header + (arm, point) x seeds x modes
     trains = list((workdir / "artifacts" / "train").glob("*/seed*/model.pt"))
     assert len(trains) == 2  # arms that differ only in quantization share the training runs
     plan = caddie.plan(tiny_config())

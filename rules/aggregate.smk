@@ -1,16 +1,21 @@
 RUNS = aggregate_runs()
+PUBLISHED = caddie.published_logs(config["report"])
 
 
 rule aggregate:
     input:
         run_files(RUNS),
+        published=PUBLISHED,
         code=code("aggregate"),
     output:
         results=report("reports/results.csv", category="tables"),
-        stats="reports/stats.json",
+        stats=report("reports/stats.json", category="tables"),
         report="reports/report.md",
+        html=report("reports/report.html", category="report"),
         val_bpb=report("reports/figures/val_bpb_by_point.png", category="figures"),
-        quant_gap=report("reports/figures/quant_gap.png", category="figures"),
+        waterfall=report("reports/figures/waterfall.png", category="figures"),
+        train_loss=report("reports/figures/train_loss.png", category="figures"),
+        eval_seconds=report("reports/figures/eval_seconds.png", category="figures"),
     params:
         runs=json.dumps(RUNS, sort_keys=True),
         report=json.dumps(config["report"], sort_keys=True),
@@ -20,4 +25,4 @@ rule aggregate:
         "benchmarks/aggregate/aggregate.tsv"
     shell:
         "{PYTHON} -m stages.aggregate --runs {params.runs:q} --report {params.report:q} "
-        "--out-dir reports > {log} 2>&1"
+        "--published {input.published:q} --out-dir reports > {log} 2>&1"

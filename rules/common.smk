@@ -103,12 +103,14 @@ def aggregate_runs():
                     runs.append({"arm": arm, "seed": seed, "point": point, "mode": mode,
                                  "eval": eval_path(point, key, seed, mode),
                                  "train_summary": f"{train_dir(keys['train'], seed)}/summary.json",
+                                 "train_metrics": f"{train_dir(keys['train'], seed)}/metrics.jsonl",
                                  "quantize_summary": artifact_summary(keys, point, seed)})
     return runs
 
 
 def run_files(runs):
-    return sorted({path for r in runs for k in ("eval", "train_summary", "quantize_summary") if (path := r[k])})
+    return sorted({path for r in runs for k in ("eval", "train_summary", "train_metrics", "quantize_summary")
+                   if (path := r[k])})
 
 
 rule all_tokenize:

@@ -159,6 +159,12 @@ def corpus_files(tok: dict) -> list[Path]:
     return expand_paths(tok["files"]["paths"])
 
 
+def published_logs(report: dict) -> list[str]:
+    """The challenge train logs the aggregate stage parses next to caddie's runs."""
+    from stages.corpus import expand_paths
+    return [str(p) for p in expand_paths(report.get("published_logs", []), "report.published_logs")]
+
+
 def challenge_files(tok: dict) -> list[str]:
     """The shards and tokenizer a `source: challenge` tokenize links (declared as inputs)."""
     src = tok["challenge"]

@@ -106,13 +106,14 @@ def _parquet_docs(path: Path, field: str):
     yield from frame[field].astype(str)
 
 
-def expand_paths(patterns) -> list[Path]:
-    """Files named by the globs, sorted within each pattern; a pattern that matches nothing is an error."""
+def expand_paths(patterns, key="tokenize.files.paths") -> list[Path]:
+    """Files named by the globs, sorted within each pattern; a pattern that matches nothing is an error
+    naming the config `key` it came from."""
     paths = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
-            raise FileNotFoundError(f"tokenize.files.paths: {pattern!r} matches no file")
+            raise FileNotFoundError(f"{key}: {pattern!r} matches no file")
         paths += [Path(m) for m in matches]
     return paths
 

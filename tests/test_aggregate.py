@@ -7,6 +7,7 @@ import pytest
 from scipy import stats as st
 
 from stages import aggregate as agg
+from stages import report
 
 T_975_DF2 = 4.302652729911275
 TOKENS, BYTES = 1_000_000, 2_436_000
@@ -42,22 +43,6 @@ def build_runs(tmp_path, table):
             for seed, v in enumerate(values, start=1)]
 
 
-def test_summary_uses_sample_std_and_t_interval():
-    s = agg.summarize([1.0, 1.2, 1.1], 0.95)
-    half = T_975_DF2 * 0.1 / math.sqrt(3)
-    assert s["n"] == 3
-    assert s["mean"] == pytest.approx(1.1)
-    assert s["std"] == pytest.approx(0.1)
-    assert s["ci_half_width"] == pytest.approx(half)
-    assert s["ci_half_width"] == pytest.approx(0.24841, abs=1e-5)
-    assert (s["ci_low"], s["ci_high"]) == pytest.approx((1.1 - half, 1.1 + half))
-
-
-def test_summary_of_one_seed_has_null_spread():
-    s = agg.summarize([1.3], 0.95)
-    assert s["mean"] == 1.3 and s["std"] is None and s["ci_half_width"] is None and s["ci_low"] is None
-
-
 def test_group_stats_nested_by_arm_point_mode(tmp_path):
     df = agg.load_results(build_runs(tmp_path, {("a", "prequant", "standard"): [1.0, 1.2, 1.1]}))
     g = agg.group_stats(df, 0.95)["a"]["prequant"]["standard"]
@@ -65,51 +50,16 @@ def test_group_stats_nested_by_arm_point_mode(tmp_path):
     assert g["ci_half_width"] == pytest.approx(T_975_DF2 * 0.1 / math.sqrt(3))
 
 
-def test_paired_t_on_pr1818_seeds_divides_by_sqrt_n():
-    pre = np.array([1.100163, 1.102204, 1.100334])
-    post = np.array([3.474313, 3.442213, 3.469556])
-    r = agg.paired_t(pre, post)
-    d = post - pre
-    assert r["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / math.sqrt(3)), rel=1e-12)
-    assert abs(r["t"] - 221.6) < 0.5
-    assert abs(r["t"] - d.mean() / d.std(ddof=1)) > 50
-    assert r["df"] == 2
-    assert r["p_one_sided_greater"] == pytest.approx(r["p_two_sided"] / 2)
-
-
 def test_quant_gap_stats_pairs_by_seed(tmp_path):
     pre, post = [1.100163, 1.102204, 1.100334], [3.474313, 3.442213, 3.469556]
     runs = build_runs(tmp_path, {("a", "prequant", "standard"): pre, ("a", "quant", "standard"): post,
                                  ("b", "prequant", "standard"): [1.0, 1.1]})
-    q = agg.quant_gap_stats(agg.load_results(runs))
+    q = agg.step_stats(agg.load_results(runs), "prequant", "quant")
     assert set(q) == {"a"}
     entry = q["a"]["standard"]
     assert entry["gaps"] == pytest.approx({"1": 2.37415, "2": 2.340009, "3": 2.369222})
     assert entry["mean"] == pytest.approx(np.mean(np.subtract(post, pre)))
     assert abs(entry["t"] - 221.6) < 0.5 and entry["df"] == 2
-
-
-def test_zero_variance_gives_null_not_nan():
-    assert agg.paired_t([1.0, 1.0, 1.0], [1.5, 1.5, 1.5])["t"] is None
-    assert agg.welch_less([1.0, 1.0], [1.0, 1.0]) == (None, None)
-    t, p = agg.welch_less([1.0, 1.0, 1.0], [1.1, 1.2, 1.3])
-    assert t == pytest.approx(-0.2 / (0.1 / math.sqrt(3))) and p < 0.05
-
-
-def test_welch_one_sided_matches_hand_computation():
-    a, b = np.array([1.00, 1.02, 1.01]), np.array([1.10, 1.13, 1.12, 1.11])
-    va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 4
-    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
-    got_t, got_p = agg.welch_less(a, b)
-    assert got_t == pytest.approx(t)
-    assert got_p == pytest.approx(st.t.cdf(t, df))
-    assert got_p < 0.05
-    assert agg.welch_less(b, a)[1] > 0.5
-
-
-def test_threshold_bpb_from_tokens_per_byte():
-    assert agg.threshold_bpb(TOKENS, BYTES) == pytest.approx(0.005 * TOKENS / BYTES / math.log(2))
 
 
 def test_compare_to_baseline(tmp_path):
@@ -177,7 +127,92 @@ def test_main_end_to_end(tmp_path):
     assert stats["vs_baseline"]["noquant"]["prequant"]["standard"]["p_less"] is None
 
     md = (out / "report.md").read_text()
-    assert "figures/val_bpb_by_point.png" in md and "figures/quant_gap.png" in md
-    for png in ("val_bpb_by_point.png", "quant_gap.png"):
-        assert (out / "figures" / png).read_bytes()[:8] == PNG_MAGIC
+    for rel in report.FIGURES.values():
+        assert f"({rel})" in md
+        assert (out / rel).read_bytes()[:8] == PNG_MAGIC
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(report.FIGURES) and "http" not in html
+    assert f"{stats['groups']['wide']['quant']['sliding']['mean']:.4f}" in html
     assert not list(out.rglob("*.tmp"))
+
+
+def chain_table():
+    table = {}
+    for mode, off in (("standard", 0.0), ("sliding", -0.02), ("ttt", -0.03)):
+        table[("baseline", "prequant", mode)] = [1.10 + off, 1.11 + off, 1.12 + off]
+        table[("baseline", "quant", mode)] = [1.13 + off, 1.15 + off, 1.14 + off]
+    return table
+
+
+def test_chain_orders_points_then_modes():
+    pairs = [("quant", "ttt"), ("prequant", "standard"), ("rescue", "standard"), ("quant", "standard"),
+             ("rescue", "sliding"), ("quant", "sliding"), ("rescue", "ttt")]
+    assert agg.chain_of(pairs) == [("prequant", "standard"), ("quant", "standard"), ("rescue", "standard"),
+                                   ("rescue", "sliding"), ("rescue", "ttt")]
+    assert agg.chain_of([("quant", "ttt"), ("quant", "sliding")]) == [("quant", "sliding"), ("quant", "ttt")]
+    assert agg.chain_of([("prequant", "sliding")]) == [("prequant", "sliding")]
+
+
+def test_decomposition_steps_are_paired_by_seed(tmp_path):
+    table = chain_table()
+    table[("baseline", "quant", "ttt")] = [1.095, 1.118, 1.104]
+    d = agg.decomposition(agg.load_results(build_runs(tmp_path, table)))["baseline"]
+    assert d["chain"] == ["prequant/standard", "quant/standard", "quant/sliding", "quant/ttt"]
+    assert d["values"]["2"] == pytest.approx([1.11, 1.15, 1.13, 1.118])
+    names = [s["name"] for s in d["steps"]]
+    assert names == ["quantization", "sliding window", "test-time training"]
+    ttt = d["steps"][2]
+    deltas = np.array([1.095, 1.118, 1.104]) - np.array([1.11, 1.13, 1.12])
+    assert ttt["deltas"] == pytest.approx({"1": deltas[0], "2": deltas[1], "3": deltas[2]})
+    assert ttt["t"] == pytest.approx(st.ttest_rel([1.095, 1.118, 1.104], [1.11, 1.13, 1.12]).statistic)
+    assert ttt["df"] == 2
+    assert d["total"]["mean"] == pytest.approx(np.mean([1.095, 1.118, 1.104]) - 1.11)
+
+
+def test_rescue_step_reports_bytes_added(tmp_path):
+    runs = build_runs(tmp_path, {("a", "quant", "standard"): [1.20, 1.21, 1.22],
+                                 ("a", "rescue", "standard"): [1.19, 1.205, 1.21]})
+    for r in runs:  # the rescue artifact is 25,000 bytes bigger than the quantized one
+        if r["point"] == "rescue":
+            r["quantize_summary"] = _write(tmp_path / f"rescue{r['seed']}.json", {"total_bytes": 15_075_000})
+        else:
+            r["quantize_summary"] = _write(tmp_path / f"quant{r['seed']}.json", {"total_bytes": 15_050_000})
+    gain = agg.step_stats(agg.load_results(runs), "quant", "rescue")["a"]["standard"]
+    assert gain["bytes_added"] == 25_000
+    assert gain["mean"] == pytest.approx(-0.025 / 3)
+
+
+def test_reference_verdict_uses_one_sample_t_against_reference_minus_margin(tmp_path):
+    df = agg.load_results(build_runs(tmp_path, chain_table()))
+    margin = 0.005 * TOKENS / BYTES / math.log(2)
+    ttt = [1.10, 1.12, 1.11]
+    for ref, expected in ((1.2, True), (1.11 + margin + 0.001, False)):
+        stats = agg.build_stats(df, "baseline", 0.95, {"name": "PR #1", "val_bpb": ref})
+        r = stats["vs_reference"]["baseline"]
+        assert r["target_bpb"] == pytest.approx(ref - margin)
+        assert r["t"] == pytest.approx(st.ttest_1samp(ttt, ref - margin).statistic)
+        assert r["p_less"] == pytest.approx(st.ttest_1samp(ttt, ref - margin, alternative="less").pvalue)
+        assert r["meets_threshold"] is expected
+        word = "BEATS" if expected else "does not beat"
+        assert stats["verdicts"] == [f"baseline (quant/ttt, 1.11000, n=3) {word} PR #1 ({ref:.5f}) by ≥ 0.005 "
+                                     f"nats at p < 0.01: one-sample t vs {ref - margin:.5f}, "
+                                     f"p = {r['p_less']:.3g}"]
+
+
+def test_published_logs_join_the_results_and_the_report(tmp_path, record_logs):
+    runs = build_runs(tmp_path, chain_table())
+    logs = sorted(str(p) for p in record_logs.glob("2026-04-27_*.log"))
+    out = tmp_path / "reports"
+    agg.main(["--runs", json.dumps(runs), "--report", json.dumps(
+        {"baseline_arm": "baseline", "confidence": 0.95, "reference": {"name": "LQER", "val_bpb": 1.06107587}}),
+        "--published", *logs, "--out-dir", str(out)])
+    stats = json.loads((out / "stats.json").read_text())
+    lqer = stats["scores"]["2026-04-27_SP8192_LQER_1.0611"]
+    assert lqer["source"] == "published" and (lqer["point"], lqer["mode"]) == ("quant", "ttt")
+    assert lqer["mean"] == pytest.approx(1.06107587, abs=5e-9)  # the submission's 3-seed mean
+    assert lqer["values"] == pytest.approx({"42": 1.05989454, "0": 1.06124613, "1234": 1.06208695}, abs=5e-9)
+    assert lqer["threshold_bpb"] == pytest.approx(0.00228, abs=2e-5)  # ref §2.5: 0.005 nats in sp8192 bpb
+    assert "2026-04-27_SP8192_LQER_1.0611" not in stats["vs_baseline"]  # other data: not comparable
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    assert {r["source"] for r in rows} == {"caddie", "published"}
+    assert "2026-04-27_SP8192_LQER_1.0611" in (out / "report.md").read_text()

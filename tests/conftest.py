@@ -45,11 +45,31 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def fixture_tokenizers():
-    folder = FIXTURES / "tokenizers"
+def chromium():
+    """Path of a headless chromium for HTML tests (tests/browser.py): on PATH, else Debian's package installed
+    by apt-get; skips with the reason when neither can be had."""
+    import browser
+    try:
+        return browser.require_chromium()
+    except browser.ChromiumUnavailable as e:
+        pytest.skip(str(e))
+
+
+def shared_fixture(name):
+    folder = FIXTURES / name
     if not folder.is_dir():
         pytest.skip(f"{folder} is absent (it ships beside the project in CI, not in a user's clone)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def fixture_tokenizers():
+    return shared_fixture("tokenizers")
+
+
+@pytest.fixture(scope="session")
+def record_logs():
+    return shared_fixture("record-logs")
 
 
 def tiny_quantize_config(**overrides) -> dict:

@@ -216,3 +216,28 @@ def test_published_logs_join_the_results_and_the_report(tmp_path, record_logs):
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     assert {r["source"] for r in rows} == {"caddie", "published"}
     assert "2026-04-27_SP8192_LQER_1.0611" in (out / "report.md").read_text()
+
+
+def test_report_html_renders_offline_with_every_figure_and_the_stats_numbers(tmp_path, chromium):
+    import browser
+    table = chain_table()
+    table.update({("wide", p, m): [v - 0.05 for v in vals] for (a, p, m), vals in chain_table().items()})
+    out = tmp_path / "reports"
+    agg.main(["--runs", json.dumps(build_runs(tmp_path, table)), "--report",
+              json.dumps({"baseline_arm": "baseline", "confidence": 0.95,
+                          "reference": {"name": "record", "val_bpb": 1.2}}), "--out-dir", str(out)])
+    stats = json.loads((out / "stats.json").read_text())
+    page = browser.render(out / "report.html", chromium)
+    assert page["loaded"] and not page["errors"] and page["title"] == "caddie report"
+    assert len(page["images"]) == len(report.FIGURES)
+    assert all(img["loaded"] and img["natural_width"] > 100 for img in page["images"])
+    rows = {tuple(r) for t in page["tables"] for r in t}
+    for arm, point, mode, s in report._leaves(stats["groups"], 3):
+        ci = f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}]"
+        assert (arm, point, mode, "3", f"{s['mean']:.4f} ± {s['std']:.4f}", ci) in rows
+    for arm, r in stats["vs_reference"].items():
+        assert (arm, f"{r['mean']:.5f}", f"{r['diff']:+.5f}", f"{r['target_bpb']:.5f}", f"{r['t']:.2f}", "2",
+                f"{r['p_less']:.3g}", "yes" if r["meets_threshold"] else "no") in rows
+    steps = stats["decomposition"]["wide"]["steps"]
+    assert (steps[0]["name"], f"{steps[0]['from']} → {steps[0]['to']}", "3",
+            f"{steps[0]['mean']:+.5f} ± {steps[0]['std']:.5f}") in {r[:4] for r in rows}

@@ -15,6 +15,7 @@ include: "rules/quantize.smk"
 include: "rules/rescue.smk"
 include: "rules/evaluate.smk"
 include: "rules/aggregate.smk"
+include: "rules/submission.smk"
 
 
 rule all:

@@ -1,5 +1,6 @@
 # Helpers for the rules: config validation, the plan of keyed outputs, and paths. Logic lives in stages/.
 import json
+import re
 import sys
 
 from stages import config as caddie
@@ -15,6 +16,7 @@ wildcard_constraints:
     seed=r"\d+",
     point="|".join(caddie.POINTS),
     mode="standard|sliding|ttt",
+    arm="|".join(re.escape(a) for a in config["arms"]),
 
 
 localrules:

@@ -2,11 +2,18 @@
 
 Modes: `standard` scores non-overlapping windows of seq_len; `sliding` moves the window by `stride`
 and scores only the tokens not scored before, so every token after the first gets at least
-seq_len - stride tokens of context; `ttt` scores like `sliding`, chunk by chunk, and after each
-chunk trains a copy of the model (SGD) on the tokens already scored. Every mode scores every val
-target exactly once, the tail included, and never uses a token before its score is counted. An
-online vocabulary bias (Stride-OGD, PR #316), updated after each scored chunk, is an option of
-every mode.
+seq_len - stride tokens of context; `ttt` is score-first test-time training, by one of two methods
+(`ttt.method`):
+- `sgd` (PR #549/#1493): scores like `sliding`, chunk by chunk, and after each chunk trains a copy of
+  the whole model (SGD) on the tokens already scored;
+- `lora` (the records' per-document LoRA TTT, "reset per document"): the stream is split into
+  documents at BOS, each fed on its own (attention never crosses documents); a document is scored
+  chunk by chunk, each chunk with the last seq_len tokens of the document as context, and after each
+  chunk a fresh per-document LoRA takes AdamW steps on the chunk's targets. `batch_docs` consecutive
+  documents run in lockstep, each with its own LoRA and optimizer state.
+Every mode scores every val target exactly once, the tail included, and never uses a token before its
+score is counted. An online vocabulary bias (Stride-OGD, PR #316), updated after each scored chunk (with
+`lora`: after each batch of documents), is an option of every mode.
 """
 import argparse
 import copy
@@ -20,10 +27,11 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from stages import bpb, pack
 from stages.io import read_json, sha256_file, write_json
-from stages.model import GPT, GPTConfig, cast_to_training_dtypes
+from stages.model import BOS_ID, GPT, GPTConfig, cast_to_training_dtypes
 from stages.shards import load_tokens, manifest_shards
 
 
@@ -63,24 +71,33 @@ def window_batch(stream: torch.Tensor, batch):
     return x, y, scored
 
 
+def window_losses(model, stream, batch, device, doc_isolation=False, bias=None):
+    """Losses (nats, differentiable) of the scored targets of a batch of windows, in window order, their
+    stream positions, and the summed gradient of those losses w.r.t. `bias` (None without a bias)."""
+    x, y, scored = window_batch(stream, batch)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model.forward_logits(x.to(device), doc_isolation=doc_isolation).float()
+    logits, targets = logits[scored.to(device)], y[scored].to(device)
+    bias_grad = None
+    if bias is not None:
+        logits = logits + bias
+        with torch.no_grad():
+            bias_grad = torch.softmax(logits, -1).sum(0) - torch.bincount(targets, minlength=logits.size(-1))
+    offsets = torch.tensor([start + 1 for start, _, _ in batch])[:, None] + torch.arange(x.size(1))
+    return offsets[scored], F.cross_entropy(logits, targets, reduction="none"), bias_grad
+
+
 @torch.no_grad()
 def score_windows(model, stream, windows, batch_seqs, device, doc_isolation=False, bias=None):
     """(target positions, their losses in nats, and the mean gradient of the loss w.r.t. `bias`)."""
     positions, losses, grad, count = [], [], None, 0
     for i in range(0, len(windows), batch_seqs):
-        batch = windows[i:i + batch_seqs]
-        x, y, scored = window_batch(stream, batch)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model.forward_logits(x.to(device), doc_isolation=doc_isolation).float()
-        logits, targets = logits[scored.to(device)], y[scored].to(device)
-        if bias is not None:
-            logits = logits + bias
-            g = torch.softmax(logits, -1).sum(0) - torch.bincount(targets, minlength=logits.size(-1))
+        pos, loss, g = window_losses(model, stream, windows[i:i + batch_seqs], device, doc_isolation, bias)
+        if g is not None:
             grad = g if grad is None else grad + g
-        losses.append(F.cross_entropy(logits, targets, reduction="none").double().cpu())
-        offsets = torch.tensor([start + 1 for start, _, _ in batch])[:, None] + torch.arange(x.size(1))
-        positions.append(offsets[scored])
-        count += int(scored.sum())
+        losses.append(loss.double().cpu())
+        positions.append(pos)
+        count += len(pos)
     return torch.cat(positions), torch.cat(losses), None if grad is None else grad / max(count, 1)
 
 
@@ -114,9 +131,130 @@ def train_on_scored(model, stream, lo: int, hi: int, cfg: dict, lr: float, devic
             optimizer.step()
 
 
+def document_spans(tokens: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each document: tokens[start:end] runs from its BOS (or the stream's first token)
+    through the next document's BOS, which it predicts from its own last token. So every target 1..n-1
+    belongs to exactly one document."""
+    starts = np.union1d([0], np.flatnonzero(tokens == BOS_ID))
+    ends = np.append(starts[1:] + 1, len(tokens))
+    return [(int(s), int(e)) for s, e in zip(starts, ends) if e - s >= 2]
+
+
+def chunk_windows(start: int, end: int, seq_len: int, chunk_tokens: int):
+    """Windows (start, end, first), as scoring_windows', of the document tokens[start:end]: one per chunk of
+    chunk_tokens targets, each with the last seq_len tokens of the document before its last target."""
+    windows = []
+    for first in range(start + 1, end, chunk_tokens):
+        last = min(first + chunk_tokens, end) - 1
+        windows.append((max(start, last - seq_len), last, first))
+    return windows
+
+
+class DocumentLoRA:
+    """Rank-r adapters, one per document of a batch, on the target linears (module names containing one of
+    `targets`, as rescue.lcq.targets): forward hooks add x[b] @ A[b] @ B[b] to the output of document b.
+    A batch of k rows runs the first k documents' adapters. Every document starts from the same A (fixed
+    seed, uniform ±1/sqrt(in)) and B = 0, so its first chunk is scored by the unchanged model."""
+
+    def __init__(self, model: GPT, targets: list, rank: int, device):
+        self.modules = [m for name, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and any(t in name for t in targets)]
+        if not self.modules:
+            raise ValueError(f"evaluate.ttt.lora.targets {targets} match no linear layer of the model")
+        gen = torch.Generator().manual_seed(0)
+        self.a0 = [torch.empty(m.in_features, rank).uniform_(-1, 1, generator=gen).div_(math.sqrt(m.in_features))
+                   .to(device) for m in self.modules]
+        self.a, self.b = [], []
+        self.handles = [m.register_forward_hook(self.add_delta(i)) for i, m in enumerate(self.modules)]
+
+    def reset(self, docs: int) -> list:
+        """Fresh adapters for a new batch of `docs` documents; returns them (the parameters to train)."""
+        self.a = [a0.expand(docs, -1, -1).clone().requires_grad_() for a0 in self.a0]
+        self.b = [torch.zeros(docs, a0.size(1), m.out_features, device=a0.device, requires_grad=True)
+                  for a0, m in zip(self.a0, self.modules)]
+        return self.a + self.b
+
+    def add_delta(self, i: int):
+        def hook(module, inputs, out):
+            x = inputs[0]
+            a, b = self.a[i][:x.size(0)].to(x.dtype), self.b[i][:x.size(0)].to(x.dtype)
+            return out + torch.bmm(torch.bmm(x, a), b)
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def sum_of_document_means(losses: torch.Tensor, batch) -> torch.Tensor:
+    """Each window's (document's) mean loss, summed over the batch. Document b's adapter gets exactly the
+    gradient of its own mean loss (the other terms do not depend on it), and AdamW is elementwise with one
+    step count that all documents of a batch share (they start together), so the batched optimizer moves each
+    adapter exactly as an optimizer of its own would. A batch mean would scale each gradient by 1/k."""
+    counts = torch.tensor([end - first + 1 for _, end, first in batch], device=losses.device)
+    return (losses / counts.repeat_interleave(counts)).sum()
+
+
+def lora_ttt_batch(model, stream, documents, adapters: DocumentLoRA, lora: dict, device, bias):
+    """Score a batch of documents (lists of chunk windows) chunk by chunk in lockstep; after each chunk is
+    scored, each document's own fresh adapter takes `steps` AdamW steps on that chunk's targets.
+    Returns the scored positions, their losses and the mean gradient of the loss w.r.t. `bias`."""
+    documents = sorted(documents, key=len, reverse=True)  # the documents still running are then a prefix
+    params = adapters.reset(len(documents))
+    optimizer = torch.optim.AdamW(params, lr=lora["lr"], weight_decay=lora["weight_decay"])
+    positions, losses, grad = [], [], None
+    for c in range(len(documents[0])):
+        # Finished documents drop out; AdamW may still move their adapters (momentum), which no one reads.
+        batch = [windows[c] for windows in documents if len(windows) > c]
+        trains = lora["steps"] > 0 and c < len(documents[0]) - 1
+        with torch.set_grad_enabled(trains):
+            pos, loss, g = window_losses(model, stream, batch, device, bias=bias)
+        positions.append(pos)
+        losses.append(loss.detach().double().cpu())
+        if g is not None:
+            grad = g if grad is None else grad + g
+        for step in range(lora["steps"] if trains else 0):
+            if step > 0:
+                _, loss, _ = window_losses(model, stream, batch, device, bias=bias)
+            optimizer.zero_grad(set_to_none=True)
+            sum_of_document_means(loss, batch).backward(inputs=params)
+            optimizer.step()
+    positions = torch.cat(positions)
+    return positions, torch.cat(losses), None if grad is None else grad / max(len(positions), 1)
+
+
+def lora_ttt_losses(model, tokens: np.ndarray, cfg: dict, device) -> np.ndarray:
+    """Loss (nats) of every target 1..n-1 under per-document LoRA TTT; `batch_docs` consecutive documents
+    run together, and the OGD bias learns from a batch only after all of it is scored, so a target's
+    score never depends on a later document."""
+    lora, ogd = cfg["ttt"]["lora"], cfg["ogd"]
+    if lora["chunk_tokens"] > cfg["seq_len"]:
+        raise ValueError(f"evaluate.ttt.lora.chunk_tokens: {lora['chunk_tokens']} exceeds seq_len "
+                         f"{cfg['seq_len']}; a chunk's first targets would have no window")
+    stream = torch.from_numpy(tokens.astype(np.int64))
+    documents = [chunk_windows(s, e, cfg["seq_len"], lora["chunk_tokens"]) for s, e in document_spans(tokens)]
+    bias = torch.zeros(model.config.vocab_size, device=device) if ogd["enabled"] else None
+    losses = np.full(len(tokens), np.nan)
+    adapters = DocumentLoRA(model, lora["targets"], lora["rank"], device)
+    try:
+        for i in range(0, len(documents), lora["batch_docs"]):
+            positions, batch_losses, grad = lora_ttt_batch(model, stream, documents[i:i + lora["batch_docs"]],
+                                                           adapters, lora, device, bias)
+            if np.isfinite(losses[positions.numpy()]).any():
+                raise AssertionError("a target was scored twice")
+            losses[positions.numpy()] = batch_losses.numpy()
+            if bias is not None:
+                bias -= ogd["lr"] * grad
+    finally:
+        adapters.remove()
+    return losses
+
+
 def token_losses(model, tokens: np.ndarray, mode: str, cfg: dict, device) -> np.ndarray:
     """Loss (nats) of every target 1..n-1, scored chunk by chunk; after a chunk is scored, the OGD bias
     and (mode ttt) a copy of the model learn from it, and only then is the next chunk scored."""
+    if mode == "ttt" and cfg["ttt"]["method"] == "lora":
+        return lora_ttt_losses(model, tokens, cfg, device)
     stream = torch.from_numpy(tokens.astype(np.int64))
     stride = cfg["seq_len"] if mode == "standard" else cfg["stride"]
     windows = scoring_windows(len(tokens), cfg["seq_len"], stride)

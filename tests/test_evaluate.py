@@ -43,9 +43,14 @@ def flat_tables(vocab):
     return bpb.ByteTables(np.ones(vocab, dtype=np.int16), np.zeros(vocab, bool), np.zeros(vocab, bool))
 
 
-def eval_config(**overrides):
+LORA = {"rank": 4, "targets": ["attn.c_q", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj"], "chunk_tokens": 8,
+        "steps": 1, "lr": 0.05, "weight_decay": 0.0, "batch_docs": 3}
+
+
+def eval_config(method="sgd", lora=None, **overrides):
     cfg = {"seq_len": 32, "stride": 8, "batch_seqs": 8, "device": "cpu", "doc_isolation": False,
-           "ttt": {"chunk_tokens": 64, "epochs": 1, "lr": 0.01, "momentum": 0.9, "grad_clip": 1.0, "batch_seqs": 4},
+           "ttt": {"method": method, "chunk_tokens": 64, "epochs": 1, "lr": 0.01, "momentum": 0.9, "grad_clip": 1.0,
+                   "batch_seqs": 4, "lora": {**LORA, **(lora or {})}},
            "ogd": {"enabled": False, "lr": 0.5}, "budget_seconds": 0, "point": "prequant"}
     cfg.update(overrides)
     return cfg
@@ -78,18 +83,20 @@ def test_sliding_with_stride_equal_to_seq_len_is_standard_and_batching_changes_n
     assert c["loss_sum"] != pytest.approx(a["loss_sum"], rel=1e-9)  # contexts differ, so losses do
 
 
-MODES = [("standard", False), ("sliding", False), ("ttt", False), ("sliding", True), ("ttt", True)]
+MODES = [("standard", "sgd", False), ("sliding", "sgd", False), ("ttt", "sgd", False), ("sliding", "sgd", True),
+         ("ttt", "sgd", True), ("ttt", "lora", False), ("ttt", "lora", True)]
 
 
-@pytest.mark.parametrize("mode, ogd", MODES, ids=[f"{m}{'+ogd' if o else ''}" for m, o in MODES])
+@pytest.mark.parametrize("mode, method, ogd", MODES,
+                         ids=[f"{m}{'-lora' if t == 'lora' else ''}{'+ogd' if o else ''}" for m, t, o in MODES])
 @pytest.mark.parametrize("p", [1, 37, 100, 150])
-def test_scores_before_p_do_not_depend_on_tokens_from_p_on(mode, ogd, p):
+def test_scores_before_p_do_not_depend_on_tokens_from_p_on(mode, method, ogd, p):
     """Score first: changing tokens at positions >= p leaves the losses of targets < p unchanged, and
     every target is scored exactly once."""
     model = tiny_model()
     tokens = np.random.default_rng(2).integers(2, 64, 200)
     tokens[::23] = 1  # documents
-    cfg = eval_config(ogd={"enabled": ogd, "lr": 0.5}, doc_isolation=mode == "ttt")
+    cfg = eval_config(method, ogd={"enabled": ogd, "lr": 0.5}, doc_isolation=mode == "ttt")
     before = evaluate.token_losses(model, tokens, mode, cfg, CPU)
     changed = tokens.copy()
     changed[p:] = np.random.default_rng(3).integers(2, 64, len(tokens) - p)
@@ -115,11 +122,116 @@ def test_ttt_and_ogd_change_the_scores_and_leave_the_model_untouched():
 def test_ttt_learns_a_repeating_text():
     model, block = tiny_model(), np.random.default_rng(5).integers(2, 64, 50)
     tokens = np.tile(block, 12)
-    cfg = eval_config(ttt={"chunk_tokens": 100, "epochs": 4, "lr": 0.2, "momentum": 0.9, "grad_clip": 1.0,
-                           "batch_seqs": 4})
+    cfg = eval_config(ttt={"method": "sgd", "chunk_tokens": 100, "epochs": 4, "lr": 0.2, "momentum": 0.9,
+                           "grad_clip": 1.0, "batch_seqs": 4})
     sliding = evaluate.score(model, tokens, flat_tables(64), cfg, "sliding", CPU)
     ttt = evaluate.score(model, tokens, flat_tables(64), cfg, "ttt", CPU)
     assert ttt["loss_sum"] < 0.7 * sliding["loss_sum"]  # measured: 0.60
+
+
+def with_bos(n, bos_at, seed=6):
+    tokens = np.random.default_rng(seed).integers(2, 64, n)
+    tokens[list(bos_at)] = 1
+    return tokens
+
+
+# A prefix before the first BOS, a 1-token document (BOS, BOS), a document longer than seq_len (32), a
+# 2-token one, and a stream that ends with a BOS (predicted, but starting no scored document).
+LAYOUT = with_bos(300, [5, 6, 40, 41, 150, 160, 162, 299])
+
+
+@pytest.mark.parametrize("bos_at", [[], [0], [0, 1, 2], [3, 4, 5, 99], [0, 60], [98, 99], list(range(0, 100, 7))])
+@pytest.mark.parametrize("seq_len, chunk", [(32, 8), (16, 16), (8, 3), (1, 1)])
+def test_lora_documents_and_chunks_score_every_target_once(bos_at, seq_len, chunk):
+    tokens = with_bos(100, bos_at)
+    counts = np.zeros(len(tokens), dtype=int)
+    for start, end in evaluate.document_spans(tokens):
+        assert tokens[start] == 1 or start == 0
+        assert not (tokens[start + 1:end - 1] == 1).any()  # no BOS inside; the last token may be the next BOS
+        for w_start, w_end, first in evaluate.chunk_windows(start, end, seq_len, chunk):
+            assert start <= w_start < first <= w_end < end and w_end - w_start <= seq_len
+            assert w_end - first < chunk
+            counts[first:w_end + 1] += 1
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+
+
+def test_lora_scores_every_target_once_end_to_end():
+    for tokens in (LAYOUT, with_bos(50, []), with_bos(50, [49]), with_bos(2, [1])):
+        losses = evaluate.token_losses(tiny_model(), tokens, "ttt", eval_config("lora"), CPU)
+        assert np.isnan(losses[0]) and not np.isnan(losses[1:]).any()
+
+
+def plain_document_scores(model, tokens, seq_len, chunk):
+    """The model's loss of each target, its context the last seq_len tokens of its own document before the
+    last target of its chunk, computed one chunk at a time."""
+    losses = np.full(len(tokens), np.nan)
+    starts = [0] + [i for i in range(1, len(tokens)) if tokens[i] == 1]
+    for k, start in enumerate(starts):
+        last_target = starts[k + 1] if k + 1 < len(starts) else len(tokens) - 1
+        for first in range(start + 1, last_target + 1, chunk):
+            last = min(first + chunk - 1, last_target)
+            lo = max(start, last - seq_len)
+            with torch.no_grad():
+                logits = model.forward_logits(torch.tensor(tokens[lo:last])[None])[0]
+            loss = F.cross_entropy(logits, torch.tensor(tokens[lo + 1:last + 1]), reduction="none")
+            losses[first:last + 1] = loss[first - lo - 1:].numpy()
+    return losses
+
+
+@pytest.mark.parametrize("no_learning", [{"lr": 0.0}, {"steps": 0}])
+def test_lora_without_learning_is_the_plain_per_document_score(no_learning):
+    model = tiny_model()
+    got = evaluate.token_losses(model, LAYOUT, "ttt", eval_config("lora", no_learning), CPU)
+    expected = plain_document_scores(model, LAYOUT, 32, LORA["chunk_tokens"])
+    np.testing.assert_allclose(got[1:], expected[1:], rtol=1e-5, atol=1e-6)
+    learned = evaluate.token_losses(model, LAYOUT, "ttt", eval_config("lora"), CPU)
+    assert not np.allclose(learned[1:], expected[1:], rtol=1e-3)  # while with lr > 0 the LoRA changes them
+
+
+def test_lora_resets_per_document():
+    """A document's losses do not depend on the other documents: not on their tokens, not on the batch
+    it shares with them, and equal those of the document evaluated on its own."""
+    model, (start, end) = tiny_model(), (41, 151)  # the long document and the BOS after it
+    cfg = eval_config("lora")
+    base = evaluate.token_losses(model, LAYOUT, "ttt", cfg, CPU)[start + 1:end]
+    others = LAYOUT.copy()
+    outside = np.r_[0:start, end:len(LAYOUT)]
+    others[outside] = np.where(LAYOUT[outside] == 1, 1, (LAYOUT[outside] * 7 + 3) % 62 + 2)
+    assert np.array_equal(evaluate.token_losses(model, others, "ttt", cfg, CPU)[start + 1:end], base)
+    for batch_docs in (1, 2, 64):
+        batched = eval_config("lora", {"batch_docs": batch_docs})
+        np.testing.assert_allclose(evaluate.token_losses(model, LAYOUT, "ttt", batched, CPU)[start + 1:end],
+                                   base, rtol=1e-5)
+    alone = evaluate.token_losses(model, LAYOUT[start:end], "ttt", cfg, CPU)[1:]
+    np.testing.assert_allclose(alone, base, rtol=1e-5)
+
+
+def test_lora_learns_repeating_documents():
+    model, rng = tiny_model(), np.random.default_rng(7)
+    tokens = np.concatenate([np.r_[1, np.tile(rng.integers(2, 64, 20), 10)] for _ in range(4)])
+    plain = evaluate.score(model, tokens, flat_tables(64), eval_config("lora", {"lr": 0.0}), "ttt", CPU)
+    lora = evaluate.score(model, tokens, flat_tables(64), eval_config("lora"), "ttt", CPU)
+    assert lora["tokens"] == plain["tokens"] == len(tokens) - 1
+    assert lora["loss_sum"] < 0.75 * plain["loss_sum"]  # measured: 0.66
+
+
+def test_lora_leaves_the_model_untouched():
+    model = tiny_model()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.tensor(LAYOUT[:40])[None]
+    before = model.forward_logits(x)
+    evaluate.token_losses(model, LAYOUT, "ttt", eval_config("lora"), CPU)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks for m in model.modules())
+    assert torch.equal(model.forward_logits(x), before)
+
+
+def test_lora_config_errors_name_the_key():
+    tokens = with_bos(100, [0, 50])
+    with pytest.raises(ValueError, match=r"evaluate\.ttt\.lora\.chunk_tokens"):
+        evaluate.token_losses(tiny_model(), tokens, "ttt", eval_config("lora", {"chunk_tokens": 33}), CPU)
+    with pytest.raises(ValueError, match=r"evaluate\.ttt\.lora\.targets"):
+        evaluate.token_losses(tiny_model(), tokens, "ttt", eval_config("lora", {"targets": ["attn.c_z"]}), CPU)
 
 
 def test_run_writes_the_result_json(tiny_data, tmp_path):

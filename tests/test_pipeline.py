@@ -1,8 +1,10 @@
 """End to end through the real `snakemake` CLI, on a tiny configuration in a copy of the workflow."""
+import json
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import yaml
 
 from conftest import ROOT, default_config
 from stages import config as caddie
+from stages import report
 
 pytestmark = pytest.mark.pipeline
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -63,8 +66,7 @@ def planned_jobs(work) -> dict:
 
 
 def test_full_run_produces_every_output(workdir):
-    for name in ("results.csv", "stats.json", "report.md", "figures/val_bpb_by_point.png",
-                 "figures/quant_gap.png"):
+    for name in ("results.csv", "stats.json", "report.md", "report.html", *report.FIGURES.values()):
         assert (workdir / "reports" / name).stat().st_size > 0
     modes = len(tiny_config()["defaults"]["evaluate"]["modes"])
     results = (workdir / "reports" / "results.csv").read_text().splitlines()
@@ -115,3 +117,29 @@ def test_unknown_config_key_fails_with_its_path(workdir):
         write_config(workdir, tiny_config())
     assert done.returncode != 0
     assert "arms.int6.quantize.bitz: unknown key" in done.stdout + done.stderr
+
+
+def test_submission_export_of_the_rescued_arm(workdir):
+    done = snakemake(workdir, "--cores", "2", "submission/gptq-int6-lcq/submission.json")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = workdir / "submission" / "gptq-int6-lcq"
+    sub = json.loads((folder / "submission.json").read_text())
+    stats = json.loads((workdir / "reports" / "stats.json").read_text())
+    score = stats["scores"]["gptq-int6-lcq"]
+    assert sub["score"] == f"{score['point']}/{score['mode']}" == "rescue/ttt"
+    assert sub["val_bpb"] == pytest.approx(score["mean"], abs=1e-8) and sub["seeds"] == [1, 2]
+    assert sub["compliance"] == {"train_under_600s": True, "eval_under_600s": True, "artifact_under_16mb": True,
+                                 "no_val_in_training": True, "score_first_eval": True, "three_seeds": False}
+    readme = (folder / "README.md").read_text()
+    assert "- [ ] three_seeds: 2 seeds" in readme and "## Decomposition" in readme
+    for seed in (1, 2):
+        assert (folder / f"train_seed{seed}.log").read_text().strip()
+
+
+def test_snakemake_report_bundles_the_registered_outputs(workdir):
+    done = snakemake(workdir, "--report", "snakemake-report.zip")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with zipfile.ZipFile(workdir / "snakemake-report.zip") as z:
+        names = "\n".join(z.namelist())
+    for name in ("report.html", "stats.json", "results.csv", *(Path(f).name for f in report.FIGURES.values())):
+        assert name in names

@@ -129,14 +129,18 @@ def report_sections(stats):
             *step_sections(stats), *versus_sections(stats)]
 
 
+def markdown_table(header, rows) -> list[str]:
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header),
+            *(f"| {' | '.join(map(str, r))} |" for r in rows), ""]
+
+
 def render_markdown(sections, figures):
     lines = ["# caddie report", ""]
     for s in sections:
         lines += ["#" * s["level"] + " " + s["title"], ""]
         lines += [*(f"- {t}" if s["title"] == "Verdict" else t for t in s["text"]), ""] if s["text"] else []
         if s["header"]:
-            lines += [f"| {' | '.join(s['header'])} |", "|" + "---|" * len(s["header"])]
-            lines += [f"| {' | '.join(map(str, r))} |" for r in s["rows"]] + [""]
+            lines += markdown_table(s["header"], s["rows"])
     lines += ["## Figures", ""] + [f"![{CAPTIONS[name]}]({rel})\n" for name, rel in figures.items()]
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from stages.io import atomic_path, read_json, write_json, write_text
+from stages.report import markdown_table
 from stages.shards import load_tokens, manifest_shards
 
 TRAIN_LIMIT_SECONDS = 600.0  # the challenge: training and evaluation each within 10 minutes on 8xH100
@@ -126,11 +127,6 @@ def submission_json(arm: str, meta: dict, rows: list[dict], stats: dict, checks:
     return out
 
 
-def _table(header, rows):
-    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header),
-            *(f"| {' | '.join(map(str, r))} |" for r in rows), ""]
-
-
 def readme(arm: str, sub: dict, stats: dict, checks: dict, config: dict) -> str:
     d = stats["decomposition"][arm]
     steps = [(s["name"], f"{s['from']} → {s['to']}", f"{s['mean']:+.5f}",
@@ -143,11 +139,11 @@ def readme(arm: str, sub: dict, stats: dict, checks: dict, config: dict) -> str:
              f"largest artifact {sub['bytes_total']:,} bytes. Exported by caddie from arm `{arm}`.", "",
              "## Significance", "", *(f"- {v}" for v in verdicts or ["No comparison configured."]), "",
              "## Seeds", "",
-             *_table(["seed", "val_loss", "val_bpb", "artifact bytes", "steps", "train s", "eval s"],
+             *markdown_table(["seed", "val_loss", "val_bpb", "artifact bytes", "steps", "train s", "eval s"],
                      [(s, f"{r['val_loss']:.8f}", f"{r['val_bpb']:.8f}", f"{r['artifact_bytes']:,}", r["steps"],
                        r["train_time_s"], r["eval_time_s"]) for s, r in sub["seed_results"].items()]),
              "## Decomposition (paired by seed; negative is a gain)", "",
-             *_table(["step", "from → to", "mean Δ bpb", "std", "p (two-sided)"], steps),
+             *markdown_table(["step", "from → to", "mean Δ bpb", "std", "p (two-sided)"], steps),
              "## Compliance", "",
              *(f"- [{'x' if c['ok'] else ' '}] {name}: {c['detail']}" for name, c in checks.items()), "",
              "## Configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", "",

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.io import atomic_path, read_json
+from concurrent.futures import ThreadPoolExecutor
+
+from stages.io import atomic_path, read_json, verify_sha256
 
 MAGIC = 20240520
 VERSION = 1
@@ -85,7 +87,13 @@ def load_tokens(paths, vocab_size: int | None = None) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
-def manifest_shards(manifest_path, split: str) -> list[Path]:
-    """The shards of one split, in order, as listed by a tokenize manifest beside them."""
+def manifest_shards(manifest_path, split: str, verify: bool = True) -> list[Path]:
+    """The shards of one split, in order, as listed by a tokenize manifest beside them, each verified
+    against the sha256 the manifest recorded (a changed or corrupted shard is an error naming it)."""
     manifest_path = Path(manifest_path)
-    return [manifest_path.parent / s["name"] for s in read_json(manifest_path)["shards"] if s["split"] == split]
+    entries = [s for s in read_json(manifest_path)["shards"] if s["split"] == split]
+    paths = [manifest_path.parent / s["name"] for s in entries]
+    if verify:
+        with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:  # hashlib releases the GIL
+            list(pool.map(lambda ps: verify_sha256(ps[0], ps[1]["sha256"], manifest_path), zip(paths, entries)))
+    return paths

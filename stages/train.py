@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from stages import techniques
 from stages.curriculum import load_sampler
-from stages.io import atomic_path, read_json, write_json, write_text
+from stages.io import atomic_path, read_json, save_torch, sha256_file, write_json, write_text
 from stages.model import GPT, GPTConfig, cast_to_training_dtypes, param_groups
 from stages.muon import Muon
 from stages.shards import manifest_shards, read_shard
@@ -379,8 +379,7 @@ class Trainer:
         if self.rank != 0:
             return
         state = {k: v.detach().float().cpu() for k, v in weights.items()}
-        with atomic_path(out_dir / "model.pt") as tmp:
-            torch.save({"state_dict": state, "model_config": self.model.config.to_dict()}, tmp)
+        save_torch(out_dir / "model.pt", {"state_dict": state, "model_config": self.model.config.to_dict()})
         write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
         seconds = self.elapsed_ms / 1000
         tokens = self.step * self.cfg["batch_tokens"]
@@ -390,6 +389,7 @@ class Trainer:
                           sqwa_wait_ms=round(self.sqwa_wait_ms, 3))
         write_json(out_dir / "summary.json", {
             "config": config, "seed": self.seed, "steps": self.step, "tokens": tokens,
+            "model_sha256": sha256_file(out_dir / "model.pt"),
             "train_seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None,
             "final_train_loss": self.metrics[-1]["loss"] if self.metrics else None,
             "params": self.model.num_params(), "world_size": self.world, "device": str(self.device),

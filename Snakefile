@@ -1,7 +1,10 @@
 # caddie: Parameter Golf as a Snakemake pipeline. See README.md.
 from snakemake.utils import min_version
 
+from stages.checks import require_yaml
+
 min_version("9.0")
+require_yaml("config.yaml")  # snakemake's own error for it names neither the file nor the line
 
 
 configfile: "config.yaml"

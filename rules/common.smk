@@ -1,4 +1,6 @@
 # Helpers for the rules: config validation, the plan of keyed outputs, and paths. Logic lives in stages/.
+# Every output is flagged update(): Snakemake does not delete it before its job runs, and restores the
+# last good version when the job fails, so a failing rerun never loses work.
 import json
 import re
 import sys
@@ -7,8 +9,9 @@ from stages import config as caddie
 
 caddie.validate(config, source=", ".join(map(str, workflow.configfiles)) or "config")
 PLAN = caddie.plan(config)
+INPUT_FILES = caddie.resolve_inputs(config, PLAN)  # missing inputs fail now, whatever exists on disk
 ARMS = PLAN["arms"]
-PYTHON = sys.executable
+PYTHON = sys.executable  # in shell text, not params: a clone or a moved venv reruns nothing
 
 
 wildcard_constraints:
@@ -34,11 +37,19 @@ def stage_config(stage):
     return lambda wc: json.dumps(PLAN["stages"][stage][wc.key]["config"], sort_keys=True)
 
 
+def run_settings(stage):
+    """params function of the stage's run settings (how it runs, not what it computes). It takes `output`,
+    which makes it a derived param: Snakemake does not rerun a job when it changes."""
+    return lambda wc, output: json.dumps(PLAN["stages"][stage][wc.key]["run"], sort_keys=True)
+
+
 def upstream(stage, key, name):
     return PLAN["stages"][stage][key]["inputs"][name]
 
 
 def code(stage):
+    """The stages/ modules an unkeyed rule (aggregate, submission) runs, declared as its inputs; keyed
+    stages carry the digest of their code in their key instead."""
     return caddie.stage_sources(stage)
 
 
@@ -91,7 +102,7 @@ def arm_outputs(stage):
             elif stage == "rescue" and "rescue" in keys:
                 paths.add(f"{rescue_dir(keys['rescue'], seed)}/artifact.bin")
             elif stage == "evaluate":
-                paths |= {eval_path(p, k, seed, m) for p, k in keys["evaluate"].items() for m in keys["modes"]}
+                paths |= {eval_path(p, k, seed, m) for p, modes in keys["evaluate"].items() for m, k in modes.items()}
     return sorted(paths)
 
 
@@ -99,10 +110,12 @@ def aggregate_runs():
     """One record per (arm, seed, point, mode) with the files the aggregate stage reads."""
     runs = []
     for arm, keys in ARMS.items():
+        budget = caddie.deep_merge(config["defaults"], config["arms"][arm])["evaluate"]["budget_seconds"]
         for seed in config["seeds"]:
-            for point, key in keys["evaluate"].items():
-                for mode in keys["modes"]:
+            for point, modes in keys["evaluate"].items():
+                for mode, key in modes.items():
                     runs.append({"arm": arm, "seed": seed, "point": point, "mode": mode,
+                                 "budget_seconds": budget or None,
                                  "eval": eval_path(point, key, seed, mode),
                                  "train_summary": f"{train_dir(keys['train'], seed)}/summary.json",
                                  "train_metrics": f"{train_dir(keys['train'], seed)}/metrics.jsonl",

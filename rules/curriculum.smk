@@ -1,10 +1,9 @@
 rule curriculum:
     input:
         manifest=lambda wc: manifest_path(upstream("curriculum", wc.key, "tokenize")),
-        code=code("curriculum"),
     output:
-        buckets="artifacts/curriculum/{key}/buckets.npz",
-        summary="artifacts/curriculum/{key}/summary.json",
+        buckets=update("artifacts/curriculum/{key}/buckets.npz"),
+        summary=update("artifacts/curriculum/{key}/summary.json"),
     params:
         config=stage_config("curriculum"),
     log:

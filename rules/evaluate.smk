@@ -1,11 +1,12 @@
 def eval_model(wc):
-    """The checkpoint (prequant) or the artifact (quant) this evaluation scores."""
+    """The checkpoint (prequant) or the artifact (quant, rescue) this evaluation scores, and the summary
+    of the stage that wrote it (which records its sha256)."""
     inputs = PLAN["stages"]["evaluate"][wc.key]["inputs"]
     if wc.point == "prequant":
-        return f"{train_dir(inputs['train'], wc.seed)}/model.pt"
-    if wc.point == "rescue":
-        return f"{rescue_dir(inputs['rescue'], wc.seed)}/artifact.bin"
-    return f"{quantize_dir(inputs['quantize'], wc.seed)}/artifact.bin"
+        folder = train_dir(inputs["train"], wc.seed)
+        return {"model": f"{folder}/model.pt", "model_summary": f"{folder}/summary.json"}
+    folder = rescue_dir(inputs["rescue"], wc.seed) if wc.point == "rescue" else quantize_dir(inputs["quantize"], wc.seed)
+    return {"model": f"{folder}/artifact.bin", "model_summary": f"{folder}/summary.json"}
 
 
 def eval_manifest(wc):
@@ -21,11 +22,10 @@ def eval_manifest(wc):
 
 rule evaluate:
     input:
-        model=eval_model,
+        unpack(eval_model),
         manifest=eval_manifest,
-        code=code("evaluate"),
     output:
-        "artifacts/evaluate/{point}/{key}/seed{seed}/{mode}.json",
+        update("artifacts/evaluate/{point}/{key}/seed{seed}/{mode}.json"),
     params:
         config=stage_config("evaluate"),
     log:
@@ -34,4 +34,5 @@ rule evaluate:
         "benchmarks/evaluate/{point}/{key}/seed{seed}/{mode}.tsv"
     shell:
         "{PYTHON} -m stages.evaluate --config {params.config:q} --mode {wildcards.mode} "
-        "--model {input.model} --manifest {input.manifest} --out {output} > {log} 2>&1"
+        "--model {input.model} --model-summary {input.model_summary} --manifest {input.manifest} "
+        "--out {output} > {log} 2>&1"

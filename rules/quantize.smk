@@ -1,12 +1,12 @@
 rule quantize:
     input:
         checkpoint=lambda wc: f"{train_dir(upstream('quantize', wc.key, 'train'), wc.seed)}/model.pt",
+        checkpoint_summary=lambda wc: f"{train_dir(upstream('quantize', wc.key, 'train'), wc.seed)}/summary.json",
         manifest=lambda wc: manifest_path(upstream("train", upstream("quantize", wc.key, "train"), "tokenize")),
         counted_code=lambda wc: PLAN["stages"]["quantize"][wc.key]["config"]["counted_code"],
-        code=code("quantize"),
     output:
-        artifact="artifacts/quantize/{key}/seed{seed}/artifact.bin",
-        summary="artifacts/quantize/{key}/seed{seed}/summary.json",
+        artifact=update("artifacts/quantize/{key}/seed{seed}/artifact.bin"),
+        summary=update("artifacts/quantize/{key}/seed{seed}/summary.json"),
     params:
         config=stage_config("quantize"),
     log:
@@ -15,4 +15,5 @@ rule quantize:
         "benchmarks/quantize/{key}/seed{seed}.tsv"
     shell:
         "{PYTHON} -m stages.quantize --config {params.config:q} --checkpoint {input.checkpoint} "
-        "--manifest {input.manifest} --seed {wildcards.seed} --out {output.artifact} --summary {output.summary} > {log} 2>&1"
+        "--checkpoint-summary {input.checkpoint_summary} --manifest {input.manifest} --seed {wildcards.seed} "
+        "--out {output.artifact} --summary {output.summary} > {log} 2>&1"

@@ -3,11 +3,11 @@ rule rescue:
         artifact=lambda wc: f"{quantize_dir(upstream('rescue', wc.key, 'quantize'), wc.seed)}/artifact.bin",
         quantize_summary=lambda wc: f"{quantize_dir(upstream('rescue', wc.key, 'quantize'), wc.seed)}/summary.json",
         teacher=lambda wc: f"{train_dir(rescue_train_key(wc.key), wc.seed)}/model.pt",
+        teacher_summary=lambda wc: f"{train_dir(rescue_train_key(wc.key), wc.seed)}/summary.json",
         manifest=lambda wc: manifest_path(upstream("train", rescue_train_key(wc.key), "tokenize")),
-        code=code("rescue"),
     output:
-        artifact="artifacts/rescue/{key}/seed{seed}/artifact.bin",
-        summary="artifacts/rescue/{key}/seed{seed}/summary.json",
+        artifact=update("artifacts/rescue/{key}/seed{seed}/artifact.bin"),
+        summary=update("artifacts/rescue/{key}/seed{seed}/summary.json"),
     params:
         config=stage_config("rescue"),
     log:
@@ -16,5 +16,6 @@ rule rescue:
         "benchmarks/rescue/{key}/seed{seed}.tsv"
     shell:
         "{PYTHON} -m stages.rescue --config {params.config:q} --artifact {input.artifact} "
-        "--quantize-summary {input.quantize_summary} --teacher {input.teacher} --manifest {input.manifest} "
+        "--quantize-summary {input.quantize_summary} --teacher {input.teacher} "
+        "--teacher-summary {input.teacher_summary} --manifest {input.manifest} "
         "--seed {wildcards.seed} --out {output.artifact} --summary {output.summary} > {log} 2>&1"

@@ -10,12 +10,12 @@ rule submission:
         lambda wc: run_files(submission_runs(wc.arm)),
         stats="reports/stats.json",
         manifest=lambda wc: manifest_path(ARMS[wc.arm]["tokenize"]),
-        train_logs=lambda wc: [f"logs/train/{ARMS[wc.arm]['train']}/seed{s}.log" for s in config["seeds"]],
+        train_logs=lambda wc: [f"{train_dir(ARMS[wc.arm]['train'], s)}/train.log" for s in config["seeds"]],
         code=code("submission"),
     output:
-        json="submission/{arm}/submission.json",
-        readme="submission/{arm}/README.md",
-        logs=expand("submission/{{arm}}/train_seed{seed}.log", seed=config["seeds"]),
+        json=update("submission/{arm}/submission.json"),
+        readme=update("submission/{arm}/README.md"),
+        logs=[update(p) for p in expand("submission/{{arm}}/train_seed{seed}.log", seed=config["seeds"])],
     params:
         runs=lambda wc: json.dumps(submission_runs(wc.arm), sort_keys=True),
         config=lambda wc: json.dumps(caddie.deep_merge(config["defaults"], config["arms"][wc.arm]), sort_keys=True),

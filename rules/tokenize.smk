@@ -1,21 +1,10 @@
-def tokenize_sources(wc):
-    """Corpus files are inputs, so editing one reruns tokenize (python-docs has none)."""
-    tok = PLAN["stages"]["tokenize"][wc.key]["config"]
-    if tok["source"] == "files":
-        return [str(p) for p in caddie.corpus_files(tok)]
-    if tok["source"] == "challenge":
-        return caddie.challenge_files(tok)
-    return []
-
-
 rule tokenize:
     input:
-        sources=tokenize_sources,
-        code=code("tokenize"),
+        sources=lambda wc: INPUT_FILES[wc.key],  # corpus files, challenge shards, a given tokenizer_model
     output:
-        manifest="artifacts/tokenize/{key}/manifest.json",
-        tokenizer="artifacts/tokenize/{key}/tokenizer.model",
-        summary="artifacts/tokenize/{key}/summary.json",
+        manifest=update("artifacts/tokenize/{key}/manifest.json"),
+        tokenizer=update("artifacts/tokenize/{key}/tokenizer.model"),
+        summary=update("artifacts/tokenize/{key}/summary.json"),
     params:
         config=stage_config("tokenize"),
     log:

@@ -3,12 +3,11 @@ def train_curriculum(wc):
     return [f"artifacts/curriculum/{inputs['curriculum']}/buckets.npz"] if "curriculum" in inputs else []
 
 
-def train_launcher(wc):
-    """torchrun when the arm asks for more than one process, else plain python."""
+def train_launcher(wc, output):
+    """torchrun when the arm asks for more than one process, else nothing (plain python). A derived param
+    (it takes `output`): nproc is in the key already."""
     nproc = PLAN["stages"]["train"][wc.key]["config"]["train"]["nproc"]
-    if nproc == 1:
-        return PYTHON
-    return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node={nproc}"
+    return "" if nproc == 1 else f"-m torch.distributed.run --standalone --nproc_per_node={nproc}"
 
 
 def train_gpus(wc):
@@ -20,13 +19,14 @@ rule train:
     input:
         manifest=lambda wc: manifest_path(upstream("train", wc.key, "tokenize")),
         curriculum=train_curriculum,
-        code=code("train"),
     output:
-        model="artifacts/train/{key}/seed{seed}/model.pt",
-        metrics="artifacts/train/{key}/seed{seed}/metrics.jsonl",
-        summary="artifacts/train/{key}/seed{seed}/summary.json",
+        model=update("artifacts/train/{key}/seed{seed}/model.pt"),
+        metrics=update("artifacts/train/{key}/seed{seed}/metrics.jsonl"),
+        summary=update("artifacts/train/{key}/seed{seed}/summary.json"),
+        log=update("artifacts/train/{key}/seed{seed}/train.log"),
     params:
         config=stage_config("train"),
+        run=run_settings("train"),
         launcher=train_launcher,
         curriculum=lambda wc: " ".join(f"--curriculum {p}" for p in train_curriculum(wc)),
         resume_dir="artifacts/train/{key}/seed{seed}/resume",
@@ -38,6 +38,6 @@ rule train:
     benchmark:
         "benchmarks/train/{key}/seed{seed}.tsv"
     shell:
-        "{params.launcher} -m stages.train --config {params.config:q} --manifest {input.manifest} "
-        "{params.curriculum} --seed {wildcards.seed} --out-dir artifacts/train/{wildcards.key}/seed{wildcards.seed} "
-        "--resume-dir {params.resume_dir} > {log} 2>&1"
+        "{PYTHON} {params.launcher} -m stages.train --config {params.config:q} --run {params.run:q} "
+        "--manifest {input.manifest} {params.curriculum} --seed {wildcards.seed} "
+        "--out-dir artifacts/train/{wildcards.key}/seed{wildcards.seed} --resume-dir {params.resume_dir} > {log} 2>&1"

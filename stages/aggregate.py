@@ -66,7 +66,7 @@ def run_row(i, rec) -> dict:
         if not rec.get("quantize_summary"):
             raise ValueError(f"runs[{i}]: {rec['point']} record needs 'quantize_summary'")
         artifact = _load(rec["quantize_summary"], QUANT_KEYS)["total_bytes"]
-    budget = (ev.get("config") or {}).get("budget_seconds") or None
+    budget = rec.get("budget_seconds") or None  # the arm's evaluate.budget_seconds, judged here
     return {"arm": str(rec["arm"]), "source": "caddie", "seed": int(rec["seed"]), "point": rec["point"],
             "mode": rec["mode"], **{k: ev[k] for k in EVAL_KEYS[2:]}, "budget_seconds": budget,
             "train_steps": tr["steps"], "train_seconds": tr["train_seconds"], "artifact_bytes": artifact}

@@ -6,8 +6,10 @@ outputs, and switching a setting back finds its old outputs still there.
 """
 import ast
 import copy
+import functools
 import hashlib
 import json
+import platform
 from pathlib import Path
 
 import jsonschema
@@ -44,9 +46,18 @@ def _error_text(error, prefix) -> str:
     return f"{path}: {error.message}"
 
 
+def _is_integer(checker, instance) -> bool:
+    # JSON Schema's integer accepts 30.0; a float where a count belongs is a mistake (seq_len: 32.0).
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
+
+
 def _check(instance, schema, prefix, root_schema):
-    validator = jsonschema.Draft202012Validator(
-        schema, registry=_registry(root_schema))
+    validator = _Validator(schema, registry=_registry(root_schema))
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
     return [_error_text(e, prefix) for e in errors]
 
@@ -57,7 +68,10 @@ def _registry(root_schema):
 
 
 def validate(config: dict, source: str = "config") -> None:
-    """Raise ConfigError listing every problem, each with its key path (e.g. arms.int6.quantize.bitz)."""
+    """Raise ConfigError listing every problem, each with its key path (e.g. arms.int6.quantize.bitz): the
+    schema's, then (on a config the schema accepts) the plan-time checks of the defaults and of every arm
+    merged over them, an arm's only where they are not the defaults' own."""
+    from stages import checks  # it imports this module
     schema = load_schema()
     schema.setdefault("$id", "caddie:config")
     problems = _check(config, schema, "", schema)
@@ -69,19 +83,42 @@ def validate(config: dict, source: str = "config") -> None:
         if config["report"]["baseline_arm"] not in config["arms"]:
             problems.append(f"report.baseline_arm: {config['report']['baseline_arm']!r} is not an arm "
                             f"(arms: {', '.join(config['arms'])})")
+    if not problems:  # the checks read settings whose types the schema has vouched for
+        inherited = checks.problems(config["defaults"])
+        problems += [f"defaults.{p}" for p in inherited]
+        for arm, override in config["arms"].items():
+            own = [p for p in checks.problems(deep_merge(config["defaults"], override)) if p not in inherited]
+            problems += [f"arms.{arm}.{p}" for p in own]
     if problems:
         raise ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(problems))
 
 
-def content_key(stage: str, section, inputs: dict) -> str:
-    """12 hex digits of the sha256 of the canonical JSON of what determines a stage's output."""
-    blob = json.dumps({"stage": stage, "config": section, "inputs": inputs}, sort_keys=True)
+def content_key(stage: str, section, inputs: dict, code: str) -> str:
+    """12 hex digits of the sha256 of the canonical JSON of what determines a stage's output: its settings,
+    the keys of its inputs and the digest of the code it runs."""
+    blob = json.dumps({"stage": stage, "config": section, "inputs": inputs, "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def code_digest(stage: str) -> str:
+    """sha256 of the source of every stages/ module the stage runs: new code writes beside the old outputs,
+    so a failing edit never touches them and reverting it finds them again."""
+    h = hashlib.sha256()
+    for path in stage_sources(stage):
+        h.update(path.encode() + b"\0" + (STAGES_DIR.parent / path).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+# Settings that change how a stage runs but not what it computes: they are not part of any key.
+RUN_SETTINGS = {"train": ("log_every", "checkpoint_every")}
 
 
 def tokenize_section(tok: dict) -> dict:
     """The tokenize settings that matter for the chosen source (the others do not change outputs)."""
     section = {k: v for k, v in tok.items() if k not in ("files", "challenge")}
+    if tok["source"] == "python-docs":  # the corpus is the installed standard library's documentation
+        section["python_version"] = platform.python_version()
     if tok["source"] == "files":
         section["files"] = tok["files"]
     if tok["source"] == "challenge":
@@ -89,44 +126,59 @@ def tokenize_section(tok: dict) -> dict:
     return section
 
 
+def train_section(cfg: dict) -> dict:
+    train = {k: v for k, v in cfg["train"].items() if k not in RUN_SETTINGS["train"]}
+    curriculum = cfg["curriculum"] if cfg["curriculum"]["enabled"] else {"enabled": False}
+    return {"train": train, "curriculum": curriculum}
+
+
+def evaluate_section(cfg: dict, point: str, mode: str) -> dict:
+    """What one (point, mode) evaluation depends on: TTT settings only for mode ttt; the budget is judged
+    by the report, not here."""
+    ev = cfg["evaluate"]
+    section = {k: v for k, v in ev.items() if k not in ("modes", "budget_seconds", "ttt")}
+    if mode == "ttt":
+        section["ttt"] = ev["ttt"]
+    elif ev["ogd"]["enabled"]:  # the OGD bias learns chunk by chunk in every mode
+        section["ttt"] = {"chunk_tokens": ev["ttt"]["chunk_tokens"]}
+    return {**section, "point": point, "mode": mode}
+
+
 def plan(config: dict) -> dict:
     """Resolve every arm into stage configs and keys.
 
-    Returns {"stages": {stage: {key: {"config": ..., "inputs": {stage: key}}}},
-             "arms": {arm: {stage: key, "evaluate": {point: key}}}}.
+    Returns {"stages": {stage: {key: {"config": ..., "inputs": {stage: key}, "run": {...}}}},
+             "arms": {arm: {stage: key, "evaluate": {point: {mode: key}}, "modes": [...]}}}.
+    "run" holds a stage's run settings (RUN_SETTINGS), taken from the first arm that uses the key.
     """
     stages = {s: {} for s in ("tokenize", "curriculum", "train", "quantize", "rescue", "evaluate")}
     arms = {}
 
-    def add(stage, section, inputs):
-        key = content_key(stage, section, inputs)
-        stages[stage][key] = {"config": section, "inputs": inputs}
+    def add(stage, section, inputs, run=None):
+        key = content_key(stage, section, inputs, code_digest(stage))
+        stages[stage].setdefault(key, {"config": section, "inputs": inputs, "run": run or {}})
         return key
 
     for arm, override in config["arms"].items():
         cfg = deep_merge(config["defaults"], override)
         keys = {"tokenize": add("tokenize", tokenize_section(cfg["tokenize"]), {})}
         train_inputs = {"tokenize": keys["tokenize"]}
-        curriculum = cfg["curriculum"]
-        if curriculum["enabled"]:
-            section = {"buckets": curriculum["buckets"], "seq_len": cfg["train"]["seq_len"]}
+        if cfg["curriculum"]["enabled"]:
+            section = {"buckets": cfg["curriculum"]["buckets"], "seq_len": cfg["train"]["seq_len"]}
             keys["curriculum"] = add("curriculum", section, {"tokenize": keys["tokenize"]})
             train_inputs["curriculum"] = keys["curriculum"]
-        train_section = {"train": cfg["train"], "curriculum": curriculum if curriculum["enabled"]
-                         else {"enabled": False}}
-        keys["train"] = add("train", train_section, train_inputs)
+        run = {k: cfg["train"][k] for k in RUN_SETTINGS["train"]}
+        keys["train"] = add("train", train_section(cfg), train_inputs, run)
         keys["quantize"] = add("quantize", cfg["quantize"], {"train": keys["train"]})
-        eval_section = {k: v for k, v in cfg["evaluate"].items() if k != "modes"}
-        keys["evaluate"] = {
-            "prequant": add("evaluate", {**eval_section, "point": "prequant"}, {"train": keys["train"]}),
-            "quant": add("evaluate", {**eval_section, "point": "quant"}, {"quantize": keys["quantize"]}),
-        }
+        point_inputs = {"prequant": {"train": keys["train"]}, "quant": {"quantize": keys["quantize"]}}
         rescue = cfg["rescue"]
         if rescue["lcq"]["enabled"] or rescue["calibrate"]["enabled"]:  # else no rescue point at all
             keys["rescue"] = add("rescue", rescue, {"quantize": keys["quantize"]})
-            keys["evaluate"]["rescue"] = add("evaluate", {**eval_section, "point": "rescue"},
-                                             {"rescue": keys["rescue"]})
+            point_inputs["rescue"] = {"rescue": keys["rescue"]}
         keys["modes"] = list(cfg["evaluate"]["modes"])
+        keys["evaluate"] = {point: {mode: add("evaluate", evaluate_section(cfg, point, mode), inputs)
+                                    for mode in keys["modes"]}
+                            for point, inputs in point_inputs.items()}
         arms[arm] = keys
     return {"stages": stages, "arms": arms}
 
@@ -153,16 +205,34 @@ def stage_sources(module: str) -> list[str]:
     return sorted(f"stages/{name}.py" for name in seen)
 
 
-def corpus_files(tok: dict) -> list[Path]:
-    """The files a `source: files` tokenize reads (so the rule can declare them as inputs)."""
+def tokenize_input_files(tok: dict) -> list[str]:
+    """Every file a tokenize of these settings reads (declared as the rule's inputs): corpus files or
+    challenge shards with their tokenizer, and a given tokenizer_model. Problems raise ConfigError."""
     from stages.corpus import expand_paths
-    return expand_paths(tok["files"]["paths"])
+    files = []
+    if tok["source"] == "files":
+        if not tok["files"]["paths"]:
+            raise ConfigError("tokenize.files.paths: source files needs at least one glob")
+        try:
+            files = [str(p) for p in expand_paths(tok["files"]["paths"])]
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    if tok["source"] == "challenge":
+        files = challenge_files(tok)
+    if tok["source"] != "challenge" and tok["tokenizer_model"]:
+        if not Path(tok["tokenizer_model"]).is_file():
+            raise ConfigError(f"tokenize.tokenizer_model: {tok['tokenizer_model']!r} is not a file")
+        files.append(tok["tokenizer_model"])
+    return files
 
 
 def published_logs(report: dict) -> list[str]:
     """The challenge train logs the aggregate stage parses next to caddie's runs."""
     from stages.corpus import expand_paths
-    return [str(p) for p in expand_paths(report.get("published_logs", []), "report.published_logs")]
+    try:
+        return [str(p) for p in expand_paths(report.get("published_logs", []), "report.published_logs")]
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
 
 
 def challenge_files(tok: dict) -> list[str]:
@@ -170,6 +240,35 @@ def challenge_files(tok: dict) -> list[str]:
     src = tok["challenge"]
     if not src["dir"] or not Path(src["dir"]).is_dir():
         raise ConfigError(f"tokenize.challenge.dir: {src['dir']!r} is not a directory")
-    if not src["tokenizer"]:
-        raise ConfigError("tokenize.challenge.tokenizer: the SentencePiece model of the shards is required")
-    return sorted(str(p) for p in Path(src["dir"]).glob("fineweb_*.bin")) + [src["tokenizer"]]
+    if not src["tokenizer"] or not Path(src["tokenizer"]).is_file():
+        raise ConfigError(f"tokenize.challenge.tokenizer: {src['tokenizer']!r} is not a file (the SentencePiece "
+                          "model of the shards is required)")
+    shards = {split: sorted(Path(src["dir"]).glob(f"fineweb_{split}_*.bin")) for split in ("train", "val")}
+    for split, paths in shards.items():
+        if not paths:
+            raise ConfigError(f"tokenize.challenge.dir: {src['dir']!r} holds no fineweb_{split}_*.bin shards")
+    return [str(p) for p in shards["val"] + shards["train"]] + [src["tokenizer"]]
+
+
+def resolve_inputs(config: dict, plan: dict) -> dict:
+    """The input files of every tokenize key, resolved when the plan is made, so that a missing corpus,
+    shard folder or code file fails the invocation whatever outputs already exist. Raises one ConfigError
+    naming each problem's key and the arms it affects."""
+    files, problems = {}, {}
+    for arm, keys in plan["arms"].items():
+        cfg = deep_merge(config["defaults"], config["arms"][arm])
+        try:
+            files[keys["tokenize"]] = tokenize_input_files(cfg["tokenize"])
+        except ConfigError as e:
+            problems.setdefault(str(e), []).append(arm)
+        for path in cfg["quantize"]["counted_code"]:
+            if not Path(path).is_file():
+                problems.setdefault(f"quantize.counted_code: {path!r} is not a file", []).append(arm)
+    try:
+        published_logs(config["report"])
+    except ConfigError as e:
+        problems[str(e)] = []
+    if problems:
+        lines = [f"{text} (arms: {', '.join(arms)})" if arms else text for text, arms in problems.items()]
+        raise ConfigError("missing inputs:\n  " + "\n  ".join(lines))
+    return files

@@ -72,26 +72,54 @@ def python_docs():
         yield topics.topics[key]
 
 
+def _read_text(path: Path) -> str:
+    """A text file's content; a file that is not UTF-8 text (or is binary: NUL bytes) is an error naming it."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                         "tokenize.files.paths must name UTF-8 text files") from None
+    if "\0" in text:
+        raise ValueError(f"{path}: a binary file, not text (NUL byte at offset {data.index(0)})")
+    return text
+
+
 def _txt_docs(path: Path, split: str):
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if split == "file":
         yield text
     else:
         yield from (block.strip() for block in text.split("\n\n"))
 
 
+JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", type(None): "null", list: "an array",
+              dict: "an object"}
+
+
 def _jsonl_docs(path: Path, field: str):
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 can be named
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 (byte {e.start} of the line: {e.reason})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: not a JSON object with a '{field}' field "
+                                 "(tokenize.files.text_field)")
             if field not in record:
                 raise ValueError(f"{path}:{line_no}: no '{field}' field (tokenize.files.text_field)")
-            yield record[field]
+            text = record[field]
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{line_no}: '{field}' (tokenize.files.text_field) is "
+                                 f"{JSON_KINDS[type(text)]} ({json.dumps(text)[:40]}), not a string")
+            yield text
 
 
 def _parquet_docs(path: Path, field: str):
@@ -100,10 +128,15 @@ def _parquet_docs(path: Path, field: str):
     if field not in frame.columns:
         raise ValueError(f"{path}: no '{field}' column (tokenize.files.text_field); "
                          f"columns are {list(frame.columns)}")
-    missing = frame[field].isna()
+    column = frame[field]
+    missing = column.isna().to_numpy()
     if missing.any():
-        raise ValueError(f"{path}: row {int(missing.to_numpy().argmax())} has no text in column '{field}'")
-    yield from frame[field].astype(str)
+        raise ValueError(f"{path}: row {int(missing.argmax())} has no text in column '{field}'")
+    for row, text in enumerate(column):
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: row {row} of column '{field}' (tokenize.files.text_field) is "
+                             f"{type(text).__name__} {text!r:.40}, not a string")
+        yield text
 
 
 def expand_paths(patterns, key="tokenize.files.paths") -> list[Path]:

@@ -14,6 +14,8 @@ seq_len - stride tokens of context; `ttt` is score-first test-time training, by 
 Every mode scores every val target exactly once, the tail included, and never uses a token before its
 score is counted. An online vocabulary bias (Stride-OGD, PR #316), updated after each scored chunk (with
 `lora`: after each batch of documents), is an option of every mode.
+The model file must match the sha256 recorded by the stage that wrote it (`--model-summary`), the tokenizer
+and val shards those in the manifest; a non-finite loss is an error naming the model.
 """
 import argparse
 import copy
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages import bpb, pack
-from stages.io import read_json, sha256_file, write_json
-from stages.model import BOS_ID, GPT, GPTConfig, cast_to_training_dtypes
+from stages.io import read_json, verify_recorded, verify_sha256, write_json
+from stages.model import BOS_ID, GPT, cast_to_training_dtypes, load_checkpoint
 from stages.shards import load_tokens, manifest_shards
 
 
@@ -223,6 +225,19 @@ def lora_ttt_batch(model, stream, documents, adapters: DocumentLoRA, lora: dict,
     return positions, torch.cat(losses), None if grad is None else grad / max(len(positions), 1)
 
 
+def record_losses(losses: np.ndarray, positions: torch.Tensor, scored: torch.Tensor) -> None:
+    """Store a chunk's losses at their target positions. NaN in `losses` marks a target not scored yet, so a
+    target is scored once, and a non-finite loss is an error here (it would read as never scored)."""
+    positions, scored = positions.numpy(), scored.numpy()
+    if np.isfinite(losses[positions]).any():
+        raise AssertionError("a target was scored twice")
+    if not np.isfinite(scored).all():
+        first = int(np.argmax(~np.isfinite(scored)))
+        raise FloatingPointError(f"the model's loss of val target {positions[first]} is {scored[first]}: it "
+                                 "produces non-finite outputs")
+    losses[positions] = scored
+
+
 def lora_ttt_losses(model, tokens: np.ndarray, cfg: dict, device) -> np.ndarray:
     """Loss (nats) of every target 1..n-1 under per-document LoRA TTT; `batch_docs` consecutive documents
     run together, and the OGD bias learns from a batch only after all of it is scored, so a target's
@@ -240,9 +255,7 @@ def lora_ttt_losses(model, tokens: np.ndarray, cfg: dict, device) -> np.ndarray:
         for i in range(0, len(documents), lora["batch_docs"]):
             positions, batch_losses, grad = lora_ttt_batch(model, stream, documents[i:i + lora["batch_docs"]],
                                                            adapters, lora, device, bias)
-            if np.isfinite(losses[positions.numpy()]).any():
-                raise AssertionError("a target was scored twice")
-            losses[positions.numpy()] = batch_losses.numpy()
+            record_losses(losses, positions, batch_losses)
             if bias is not None:
                 bias -= ogd["lr"] * grad
     finally:
@@ -258,7 +271,7 @@ def token_losses(model, tokens: np.ndarray, mode: str, cfg: dict, device) -> np.
     stream = torch.from_numpy(tokens.astype(np.int64))
     stride = cfg["seq_len"] if mode == "standard" else cfg["stride"]
     windows = scoring_windows(len(tokens), cfg["seq_len"], stride)
-    ogd, ttt = cfg["ogd"], cfg["ttt"]
+    ogd, ttt = cfg["ogd"], cfg.get("ttt")  # the plan passes ttt settings only where they are used
     adapts = mode == "ttt" or ogd["enabled"]
     groups = chunks_of(windows, ttt["chunk_tokens"]) if adapts else [windows]
     if mode == "ttt":
@@ -269,9 +282,7 @@ def token_losses(model, tokens: np.ndarray, mode: str, cfg: dict, device) -> np.
     for k, group in enumerate(groups):
         positions, chunk_losses, grad = score_windows(model, stream, group, cfg["batch_seqs"], device,
                                                       cfg["doc_isolation"], bias)
-        if np.isfinite(losses[positions.numpy()]).any():
-            raise AssertionError("a target was scored twice")
-        losses[positions.numpy()] = chunk_losses.numpy()
+        record_losses(losses, positions, chunk_losses)
         if bias is not None:
             bias -= ogd["lr"] * grad
         if mode == "ttt" and k < len(groups) - 1:
@@ -288,38 +299,58 @@ def score(model, tokens: np.ndarray, tables: bpb.ByteTables, cfg: dict, mode: st
     return {"loss_sum": float(losses.sum()), "tokens": len(losses), "bytes": bpb.stream_bytes(tables, tokens)}
 
 
+def is_artifact(point: str) -> bool:
+    return point in ("quant", "rescue")
+
+
 def load_model(path: Path, point: str, device) -> GPT:
-    if point in ("quant", "rescue"):  # artifacts
-        model = pack.load_model(path, device)
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-        model.load_state_dict(ckpt["state_dict"])
-        model = model.to(device).eval()
+    model = pack.load_model(path, device) if is_artifact(point) else load_checkpoint(path).to(device)
     if device.type == "cuda":  # evaluate in the layout the baseline trains and evaluates in
         cast_to_training_dtypes(model)
     return model
 
 
-def run(cfg: dict, mode: str, model_path: Path, manifest_path: Path, out: Path) -> dict:
+def verified_model_sha256(model_path: Path, model_summary: Path, point: str) -> str:
+    """The model file's sha256, checked against the summary of the stage that wrote it (train for a checkpoint,
+    quantize or rescue for an artifact)."""
+    field = "artifact_sha256" if is_artifact(point) else "model_sha256"
+    return verify_recorded(model_path, model_summary, field)[field]
+
+
+def context_warnings(cfg: dict, val_tokens: int) -> list[str]:
+    """Settings that run but measure less than they say."""
+    if cfg["seq_len"] > val_tokens:
+        return [f"evaluate.seq_len = {cfg['seq_len']} exceeds the val split's {val_tokens} tokens: no window is "
+                "full, so no target is scored with seq_len tokens of context"]
+    return []
+
+
+def run(cfg: dict, mode: str, model_path: Path, model_summary: Path, manifest_path: Path, out: Path) -> dict:
     start = time.time()
     device = pick_device(cfg["device"])
+    model_sha256 = verified_model_sha256(model_path, model_summary, cfg["point"])
     manifest = read_json(manifest_path)
-    sp = spm.SentencePieceProcessor(model_file=str(manifest_path.parent / manifest["tokenizer"]["file"]))
-    tables = bpb.build_byte_tables(sp, manifest["vocab_size"])
+    tokenizer = manifest_path.parent / manifest["tokenizer"]["file"]
+    verify_sha256(tokenizer, manifest["tokenizer"]["sha256"], manifest_path)
+    tables = bpb.build_byte_tables(spm.SentencePieceProcessor(model_file=str(tokenizer)), manifest["vocab_size"])
     model = load_model(model_path, cfg["point"], device)
     tokens = load_tokens(manifest_shards(manifest_path, "val"), vocab_size=manifest["vocab_size"])
+    warnings = context_warnings(cfg, len(tokens))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     stride = cfg["seq_len"] if mode == "standard" else cfg["stride"]
-    sums = score(model, tokens, tables, cfg, mode, device)
+    try:
+        sums = score(model, tokens, tables, cfg, mode, device)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{model_path} ({mode} eval): {e}") from None
     result = {
         "point": cfg["point"], "mode": mode, "tokens": sums["tokens"], "bytes": sums["bytes"],
         "raw_bytes": manifest.get("val_raw_bytes"), "loss_nats": sums["loss_sum"] / sums["tokens"],
         "val_bpb": bpb.bits_per_byte(sums["loss_sum"], sums["bytes"]),
         "tokens_per_byte": sums["tokens"] / sums["bytes"], "seq_len": cfg["seq_len"], "stride": stride,
-        "model": str(model_path), "model_sha256": sha256_file(model_path), "device": str(device),
-        "config": cfg, "seconds": round(time.time() - start, 3),
+        "model": str(model_path), "model_sha256": model_sha256, "device": str(device),
+        "config": cfg, "warnings": warnings, "seconds": round(time.time() - start, 3),
     }
-    result["over_budget"] = bool(cfg["budget_seconds"]) and result["seconds"] > cfg["budget_seconds"]
     if not math.isfinite(result["val_bpb"]):
         raise FloatingPointError(f"{model_path}: val_bpb is {result['val_bpb']}")
     write_json(out, result)
@@ -331,10 +362,12 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="the evaluate section plus its point, as JSON")
     parser.add_argument("--mode", required=True, choices=["standard", "sliding", "ttt"])
     parser.add_argument("--model", required=True, type=Path, help="model.pt (prequant) or artifact.bin")
-    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--model-summary", required=True, type=Path,
+                        help="the summary.json of the stage that wrote the model (train, quantize or rescue)")
+    parser.add_argument("--manifest", required=True, type=Path, help="tokenize manifest (val shards, tokenizer)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    r = run(json.loads(args.config), args.mode, args.model, args.manifest, args.out)
+    r = run(json.loads(args.config), args.mode, args.model, args.model_summary, args.manifest, args.out)
     print(json.dumps({k: r[k] for k in ("point", "mode", "tokens", "loss_nats", "val_bpb", "seconds")}))
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages import rowquant
+from stages.io import IntegrityError
 
 try:
     from flash_attn import flash_attn_func
@@ -419,3 +420,19 @@ def cast_to_training_dtypes(model: GPT) -> GPT:
             if p.ndim < 2 or is_control_tensor(name):
                 p.data = p.data.float()
     return model
+
+
+def load_checkpoint(path) -> GPT:
+    """The GPT of a train checkpoint (model.pt: state dict and model config), on the CPU, in eval mode; a
+    truncated or corrupt file is an error naming it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # OSError, RuntimeError, UnpicklingError, ...: torch.load's messages do not name the file
+        detail = ": ".join(filter(None, (type(e).__name__, str(e).partition("\n")[0])))
+        raise IntegrityError(f"{path}: cannot be read as a checkpoint ({detail}); the file is truncated or "
+                             "corrupt") from None
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

@@ -1,11 +1,21 @@
 """The artifact: a self-describing, compressed quantized model that loads back to a GPT.
 
-Layout: MAGIC, one byte naming the compressor, one byte of flags (bit 0: byte-shuffled), then the
-compressed payload. The payload is a little-endian u32 header length, a JSON header (model config,
-and per tensor its name, shape, storage and byte offsets), then the tensor bytes. Quantized tensors
-store integer codes per row (bit-packed at their width, or one byte each) with one fp16 scale per
-row; small tensors stay in fp16 (fp32 for control tensors).
+Layout (format v2):
+
+    MAGIC "CADDIE\x02" (7 bytes; the last byte is the format version)
+    compressor tag (1 byte) | flags (1 byte: bit 0 byte-shuffled, the other bits 0)
+    sha256 of the uncompressed payload (32 bytes)
+    the compressed payload
+    sha256 of every byte before it, MAGIC through the compressed payload (32 bytes)
+
+The trailing digest makes any change to the file, even one the decompressor would not notice (padding
+bits, a window size), an error before anything is decompressed; the payload digest proves that what
+the decompressor returned is the payload that was packed. The payload is a little-endian u32 header
+length, a JSON header (model config, and per tensor its name, shape, storage and byte offsets), then
+the tensor bytes. Quantized tensors store integer codes per row (bit-packed at their width, or one byte
+each) with one fp16 scale per row; small tensors stay in fp16 (fp32 for control tensors).
 """
+import hashlib
 import json
 import lzma
 import struct
@@ -19,8 +29,11 @@ import zstandard
 from stages import storage
 from stages.rowquant import dequantize_rows
 
-MAGIC = b"CADDIE\x01"
-FORMAT = "caddie-artifact-v1"
+VERSION = 2
+MAGIC = b"CADDIE" + bytes([VERSION])
+FORMAT = f"caddie-artifact-v{VERSION}"
+DIGEST_BYTES = 32
+HEADER_BYTES = len(MAGIC) + 2 + DIGEST_BYTES  # magic, tag, flags, payload digest
 COMPRESSORS = {
     "zlib": (1, lambda b: zlib.compress(b, 9), zlib.decompress),
     "zstd": (2, lambda b: zstandard.ZstdCompressor(level=22).compress(b),
@@ -93,9 +106,15 @@ def unpack_tensors(payload: bytes):
     return header, tensors
 
 
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 def compress(payload: bytes, compressor: str, shuffle: bool = False) -> bytes:
     tag, fn, _ = COMPRESSORS[compressor]
-    return MAGIC + bytes([tag, int(shuffle)]) + fn(byte_shuffle(payload) if shuffle else payload)
+    stream = fn(byte_shuffle(payload) if shuffle else payload)
+    body = MAGIC + bytes([tag, int(shuffle)]) + sha256(payload) + stream
+    return body + sha256(body)
 
 
 def compress_smallest(payload: bytes, shuffle: bool = False) -> tuple[bytes, dict]:
@@ -105,14 +124,40 @@ def compress_smallest(payload: bytes, shuffle: bool = False) -> tuple[bytes, dic
     return blobs[best], {name: len(b) for name, b in blobs.items()}
 
 
+def check_container(blob: bytes, source) -> None:
+    """The magic, the format version and the trailing digest of every byte before it."""
+    if len(blob) < len(MAGIC) or not blob.startswith(MAGIC[:-1]):
+        raise ArtifactError(f"{source}: not a caddie artifact (bad magic); the file is truncated or corrupt")
+    version = blob[len(MAGIC) - 1]
+    if version < VERSION:
+        raise ArtifactError(f"{source}: an old format (v{version}) caddie artifact, without the checksums of "
+                            f"format v{VERSION}; rerun quantize (and rescue) to rewrite it")
+    if version != VERSION:
+        raise ArtifactError(f"{source}: format version {version} is not v{VERSION}; the file is truncated or "
+                            "corrupt, or written by a newer caddie")
+    if len(blob) < HEADER_BYTES + DIGEST_BYTES or sha256(blob[:-DIGEST_BYTES]) != blob[-DIGEST_BYTES:]:
+        raise ArtifactError(f"{source}: the artifact's checksum does not match its bytes; the file is truncated "
+                            "or corrupt")
+
+
 def decompress(blob: bytes, source="artifact") -> bytes:
-    if not blob.startswith(MAGIC) or len(blob) <= len(MAGIC) + 1:
-        raise ArtifactError(f"{source}: not a caddie artifact (bad magic)")
+    check_container(blob, source)
     tag, flags = blob[len(MAGIC)], blob[len(MAGIC) + 1]
     if tag not in _BY_TAG:
         raise ArtifactError(f"{source}: unknown compressor tag {tag}")
-    payload = _BY_TAG[tag][1](blob[len(MAGIC) + 2:])
-    return byte_unshuffle(payload) if flags & 1 else payload
+    if flags & ~1:
+        raise ArtifactError(f"{source}: unknown flags {flags:#04x}")
+    name, decode = _BY_TAG[tag]
+    try:
+        payload = decode(blob[HEADER_BYTES:-DIGEST_BYTES])
+    except Exception as e:  # each library raises its own error type (zlib.error, ZstdError, brotli.error, LZMAError)
+        raise ArtifactError(f"{source}: the {name} stream does not decode ({e}); the file is truncated or "
+                            "corrupt") from None
+    payload = byte_unshuffle(payload) if flags & 1 else payload
+    if sha256(payload) != blob[len(MAGIC) + 2:HEADER_BYTES]:
+        raise ArtifactError(f"{source}: the decompressed payload's sha256 differs from the one the artifact "
+                            f"records; the file is corrupt or {name} decoded it differently")
+    return payload
 
 
 # Integer-code fields of a "rows" entry and the entry key that holds their bit width.

@@ -6,10 +6,12 @@ tensors stay in floating point. Row scales come from a percentile clip or SDClip
 optionally refined by a search that minimises the Hessian-weighted error. Calibration uses training
 tokens or text the model generates itself, never val. Counted bytes = counted code + the compressed
 artifact; over the cap, or if the quantized model is no better than uniform on a calibration batch,
-the stage fails and writes nothing.
+the stage fails and writes nothing. So does a checkpoint that is not the one its train summary records
+(model_sha256), or whose weights are NaN/inf or beyond what the fp16 row scales can hold.
 """
 import argparse
 import base64
+import hashlib
 import json
 import math
 import sys
@@ -22,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from stages import gptq, pack, rowquant, storage
-from stages.io import write_bytes, write_json
-from stages.model import GPT, GPTConfig, is_control_tensor
+from stages.io import verify_recorded, write_bytes, write_json
+from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint
 from stages.shards import load_tokens, manifest_shards
 
 
@@ -103,8 +105,53 @@ def quantize_tensor(name: str, w: torch.Tensor, cfg: dict, hessian=None, sensiti
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """‖w − ŵ‖ / ‖w‖, NaN when either holds a NaN or inf (a NaN norm is not 0), 0 for an all-zero w."""
     norm = w.float().norm()
-    return float((w.float() - w_hat).norm() / norm) if norm > 0 else 0.0
+    return 0.0 if norm == 0 else float((w.float() - w_hat).norm() / norm)
+
+
+def worst_tensor(reports: list[dict]) -> dict:
+    """The report of the largest relative error, a NaN one above all (max() compares NaN as never larger)."""
+    return max(reports, key=lambda r: math.inf if math.isnan(r["rel_error"]) else r["rel_error"])
+
+
+def non_finite(state: dict) -> tuple[str, int] | None:
+    """(name, count) of the first tensor holding NaN or inf values, or None."""
+    for name, w in state.items():
+        if count := int((~torch.isfinite(w)).sum()):
+            return name, count
+    return None
+
+
+def check_finite_weights(state: dict, checkpoint) -> None:
+    if found := non_finite(state):
+        name, count = found
+        raise QuantizationError(f"{checkpoint}: {name} has {count} non-finite values (NaN or inf) of "
+                                f"{state[name].numel():,}: the training run diverged; nothing to quantize")
+
+
+def check_storable(name: str, w: torch.Tensor, entry: dict, w_hat: torch.Tensor, source) -> None:
+    """Refuse weights the stored form cannot hold. Row scales are fp16: a scale above 65504 overflows to inf, and
+    a row so small that its scale would fall below fp16's smallest normal gets that normal instead, which can
+    round the whole non-zero row to zero codes. Floats kept in fp16 overflow above 65504 too."""
+    w = w.float()
+    if "scale" in entry and w.ndim == 2:
+        scale, peak = torch.from_numpy(entry["scale"].astype(np.float32)), w.abs().amax(dim=1)
+        overflow = ~torch.isfinite(scale)
+        underflow = (peak > 0) & (scale <= rowquant.FP16_TINY) & (w_hat.abs().amax(dim=1) == 0)
+        if overflow.any():
+            row = int(overflow.nonzero()[0])
+            raise QuantizationError(f"{source}: {name} row {row}: |w| reaches {float(peak[row]):.4g}; its row scale "
+                                    f"overflows the fp16 that row scales are stored in (largest "
+                                    f"{rowquant.FP16_MAX:.0f})")
+        if underflow.any():
+            row = int(underflow.nonzero()[0])
+            raise QuantizationError(f"{source}: {name} row {row}: |w| reaches only {float(peak[row]):.3g}; its row "
+                                    f"scale underflows the fp16 that row scales are stored in (smallest normal "
+                                    f"{rowquant.FP16_TINY:.3g}), so the non-zero row would be stored as zeros")
+    if not torch.isfinite(w_hat).all():
+        raise QuantizationError(f"{source}: {name}: |w| reaches {float(w.abs().max()):.4g}, which its stored form "
+                                f"({entry['kind']}, fp16) cannot hold: fp16 overflows above {rowquant.FP16_MAX:.0f}")
 
 
 def tensor_report(name, w, stored, w_hat, cfg) -> dict:
@@ -252,36 +299,66 @@ def prune_to_target(entries, hessians, model_config, cfg, budget: int) -> dict:
 
 
 def check_quantized_model(state, model_config, batch, cfg, reports, checkpoint) -> dict:
-    """Guards: per-tensor error bound, and loss clearly better than a uniform predictor."""
-    worst = max(reports, key=lambda r: r["rel_error"])
-    if worst["rel_error"] > cfg["max_rel_error"]:
+    """Guards: finite weights, per-tensor error bound, and a finite loss clearly better than a uniform predictor
+    (each written so that NaN fails it)."""
+    if found := non_finite(state):
+        raise QuantizationError(f"{checkpoint}: the quantized {found[0]} has {found[1]} non-finite values")
+    worst = worst_tensor(reports)
+    if not worst["rel_error"] <= cfg["max_rel_error"]:
         raise QuantizationError(f"{checkpoint}: {worst['name']} relative error {worst['rel_error']:.3f} exceeds "
                                 f"quantize.max_rel_error = {cfg['max_rel_error']}")
     model = GPT(GPTConfig.from_dict(model_config))
     model.load_state_dict(state)
     loss, uniform = batch_loss(model.eval(), batch), math.log(model_config["vocab_size"])
+    if not math.isfinite(loss):
+        raise QuantizationError(f"{checkpoint}: quantized model's calibration loss is {loss}")
     if loss > uniform - 0.1:
         raise QuantizationError(f"{checkpoint}: quantized model's calibration loss {loss:.3f} nats is within "
                                 f"0.1 of ln(vocab) = {uniform:.3f}: the quantizer destroyed the model")
     return {"calibration_loss": loss, "uniform_loss": uniform}
 
 
-def build_artifact(model: GPT, cfg: dict, batches: list[torch.Tensor], code_bytes: int) -> tuple[bytes, dict]:
-    """Quantize a model into artifact bytes; the report is measured on what the artifact decodes to."""
+def size_target(cfg: dict, code_bytes: int) -> int | None:
+    """The total bytes quantize.size_target prunes to (None when it is off); it must leave room for a model."""
+    if not cfg["size_target"]["enabled"]:
+        return None
+    target = cfg["size_target"]["bytes"] or cfg["cap_bytes"]
+    if target <= code_bytes:
+        key = "quantize.size_target.bytes" if cfg["size_target"]["bytes"] else "quantize.cap_bytes (the size target)"
+        raise QuantizationError(f"{key} = {target:,} leaves no room for the model: the counted code alone is "
+                                f"{code_bytes:,} bytes")
+    return target
+
+
+def check_hessians(hessians: dict, source) -> None:
+    for name, h in hessians.items():
+        if not torch.isfinite(h).all():
+            raise QuantizationError(f"{source}: the calibration inputs of {name} are not finite: the model overflows "
+                                    "on its calibration data")
+
+
+def build_artifact(model: GPT, cfg: dict, batches: list[torch.Tensor], code_bytes: int,
+                   source="model") -> tuple[bytes, dict]:
+    """Quantize a model into artifact bytes; the report is measured on what the artifact decodes to. Errors
+    name `source` (the checkpoint)."""
+    target = size_target(cfg, code_bytes)
     t0 = time.time()
     needs_hessian = cfg["method"] == "gptq" or cfg["clip_search"]
     hessians = gptq.collect_hessians(model, batches, torch.device("cpu")) if needs_hessian else {}
+    check_hessians(hessians, source)
     hessian_seconds = time.time() - t0
     sensitivity = row_sensitivities(model, batches) if cfg["storage"]["form"] == "mixed_rows" else {}
     weights, model_config = model.state_dict(), model.config.to_dict()
-    entries = [quantize_tensor(name, w, cfg, hessians.get(name), sensitivity.get(name))[0]
-               for name, w in weights.items()]
+    entries = []
+    for name, w in weights.items():
+        entry, w_hat = quantize_tensor(name, w, cfg, hessians.get(name), sensitivity.get(name))
+        check_storable(name, w, entry, w_hat, source)
+        entries.append(entry)
     lqer = add_lqer(entries, weights, cfg["lqer"]) if cfg["lqer"]["rank"] else []
     quantize_seconds = time.time() - t0 - hessian_seconds
     blob, sizes = serialize(entries, model_config, cfg)
     pruning = None
-    if cfg["size_target"]["enabled"]:
-        target = cfg["size_target"]["bytes"] or cfg["cap_bytes"]
+    if target is not None:
         before = len(blob)
         if before + code_bytes > target:
             pruning = prune_to_target(entries, hessians, model_config, cfg, target - code_bytes)
@@ -292,29 +369,30 @@ def build_artifact(model: GPT, cfg: dict, batches: list[torch.Tensor], code_byte
     reports = [tensor_report(n, w, e, state[n], cfg) for (n, w), e in zip(weights.items(), entries)]
     return blob, {
         "state": state, "tensors": reports, "compressed_sizes": sizes, "model_bytes": len(blob),
-        "lqer_tensors": lqer, "size_target": pruning, "max_rel_error": max(r["rel_error"] for r in reports),
+        "lqer_tensors": lqer, "size_target": pruning, "max_rel_error": worst_tensor(reports)["rel_error"],
         "bits_per_weight": 8 * len(blob) / sum(r["numel"] for r in reports),
         "quantized_params": sum(r["numel"] for r in reports if r["kind"] != "float"),
         "largest_tensors": sorted(reports, key=lambda r: -r["stored_bytes"])[:10],
         "hessian_seconds": round(hessian_seconds, 3), "quantize_seconds": round(quantize_seconds, 3)}
 
 
-def run(cfg: dict, checkpoint: Path, manifest: Path, seed: int, out: Path, summary_path: Path) -> dict:
+def run(cfg: dict, checkpoint: Path, checkpoint_summary: Path, manifest: Path, seed: int, out: Path,
+        summary_path: Path) -> dict:
     start = time.time()
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+    verify_recorded(checkpoint, checkpoint_summary, "model_sha256")
+    model = load_checkpoint(checkpoint)
+    check_finite_weights(model.state_dict(), checkpoint)
     cal = cfg["calibration"]
     batches = (generated_calibration(model, cal, seed) if cal["source"] == "generated"
                else train_calibration(manifest, cal, seed))
     code = counted_code(cfg["counted_code"], cfg["code_accounting"])
-    blob, info = build_artifact(model, cfg, batches, code["bytes"])
+    blob, info = build_artifact(model, cfg, batches, code["bytes"], source=checkpoint)
     state = info.pop("state")
-    guard = check_quantized_model(state, ckpt["model_config"], batches[0], cfg, info["tensors"], checkpoint)
+    guard = check_quantized_model(state, model.config.to_dict(), batches[0], cfg, info["tensors"], checkpoint)
     guard["prequant_calibration_loss"] = batch_loss(model, batches[0])
     total = len(blob) + code["bytes"]
-    summary = {"config": cfg, "checkpoint": str(checkpoint), "bits": cfg["bits"], "compressor": cfg["compressor"],
+    summary = {"config": cfg, "checkpoint": str(checkpoint), "artifact_sha256": hashlib.sha256(blob).hexdigest(),
+               "bits": cfg["bits"], "compressor": cfg["compressor"],
                "code_bytes": code["bytes"], "code": code, "total_bytes": total, "cap_bytes": cfg["cap_bytes"],
                "headroom_bytes": cfg["cap_bytes"] - total, **guard, **info,
                "seconds": round(time.time() - start, 3)}
@@ -331,12 +409,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the quantize section, as JSON")
     parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--checkpoint-summary", required=True, type=Path,
+                        help="the train summary.json, whose model_sha256 the checkpoint must match")
     parser.add_argument("--manifest", required=True, type=Path, help="tokenize manifest (train shards calibrate)")
     parser.add_argument("--seed", required=True, type=int)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--summary", required=True, type=Path)
     args = parser.parse_args(argv)
-    s = run(json.loads(args.config), args.checkpoint, args.manifest, args.seed, args.out, args.summary)
+    s = run(json.loads(args.config), args.checkpoint, args.checkpoint_summary, args.manifest, args.seed, args.out,
+            args.summary)
     print(json.dumps({k: s[k] for k in ("model_bytes", "code_bytes", "total_bytes", "headroom_bytes",
                                         "max_rel_error", "calibration_loss", "seconds")}))
 

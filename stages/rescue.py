@@ -10,9 +10,11 @@ Two post-quantization fits of the dequantized model ("student") by KL(teacher �
 With both on, LCQ runs first and stores its quantized factors; calibration then fits the model those
 entries decode to (the LoRA frozen, as stored). Fit batches and the held-out batches that measure
 before/after are random windows of TRAIN tokens (never val) from two seed streams. Every number is
-measured on what the written artifact decodes to; over the cap, or broken, nothing is written.
+measured on what the written artifact decodes to; over the cap, or broken (a fit that diverged to NaN
+included), nothing is written. The artifact and the teacher must match the sha256 their stages recorded.
 """
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -26,8 +28,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from stages import pack, quantize, rowquant
-from stages.io import read_json, write_bytes, write_json
-from stages.model import GPT, GPTConfig, is_control_tensor
+from stages.io import verify_recorded, write_bytes, write_json
+from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint
 from stages.shards import load_tokens, manifest_shards
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,6 +92,15 @@ def distill(student, teacher, params, batches, steps: int, lr: float, temperatur
     return {"steps": steps, "first_kl": losses[0] if losses else None, "last_kl": losses[-1] if losses else None}
 
 
+def check_finite(tensors: dict, key: str, fit: dict) -> None:
+    """A fit that diverged (NaN or inf in what it trained) is an error, not a rescued artifact."""
+    if found := quantize.non_finite(tensors):
+        what, count = found
+        raise quantize.QuantizationError(f"{key}: {what} has {count} non-finite values after distillation (KL "
+                                         f"{fit['first_kl']:.4g} -> {fit['last_kl']:.4g}): the fit diverged; lower "
+                                         f"{key}.lr")
+
+
 class LowRankDelta(nn.Module):
     """Parametrization W -> W + B·A: A (rank × in) small and random, B (out × rank) zero."""
 
@@ -140,6 +151,8 @@ def lcq(entries, model_config, teacher, batches, cfg: dict, seed: int) -> dict:
         parametrize.register_parametrization(student.get_submodule(module_name), "weight", deltas[e["name"]])
     params = [p for d in deltas.values() for p in d.parameters()]
     fit = distill(student, teacher, params, batches, cfg["steps"], cfg["lr"], cfg["temperature"])
+    check_finite({f"the LoRA of {name}": torch.cat([d.a.flatten(), d.b.flatten()]) for name, d in deltas.items()},
+                 "rescue.lcq", fit)
     trained = []
     for e in targets:
         d = deltas[e["name"]]
@@ -158,6 +171,7 @@ def calibrate(entries, model_config, teacher, batches, cfg: dict) -> dict:
     params = dict(student.named_parameters())
     fit = distill(student, teacher, [params[n].requires_grad_(True) for n in names], batches,
                   cfg["iterations"], cfg["lr"], 1.0)
+    check_finite({f"the refitted {n}": params[n] for n in names}, "rescue.calibrate", fit)
     for e in entries:
         if e["name"] in names:
             e["data"] = params[e["name"]].detach().cpu().numpy().astype(e["data"].dtype)
@@ -176,19 +190,19 @@ def holdout_metrics(model: GPT, teacher: GPT, batches) -> dict:
     return {"kl": float(np.mean(kl)), "loss": float(np.mean(loss))}
 
 
-def run(cfg: dict, artifact: Path, quantize_summary: Path, teacher_path: Path, manifest: Path, seed: int,
-        out: Path, summary_path: Path) -> dict:
+def run(cfg: dict, artifact: Path, quantize_summary: Path, teacher_path: Path, teacher_summary: Path,
+        manifest: Path, seed: int, out: Path, summary_path: Path) -> dict:
     start = time.time()
     check_config(cfg)
-    qsum = read_json(quantize_summary)
+    qsum = verify_recorded(artifact, quantize_summary, "artifact_sha256")
+    verify_recorded(teacher_path, teacher_summary, "model_sha256")
     qcfg = qsum["config"]
     blob_before = Path(artifact).read_bytes()
     header, stored = pack.unpack_tensors(pack.decompress(blob_before, source=artifact))
     entries, model_config = [editable(t) for t in stored], header["model_config"]
-    ckpt = torch.load(teacher_path, map_location="cpu", weights_only=True)
-    teacher = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-    teacher.load_state_dict(ckpt["state_dict"])
-    teacher = teacher.to(DEVICE).eval().requires_grad_(False)
+    teacher = load_checkpoint(teacher_path)
+    teacher_weights = teacher.state_dict()  # on the CPU, as the decoded state they are compared with
+    teacher = teacher.to(DEVICE).requires_grad_(False)
     fit_batches, holdout = train_batches(manifest, cfg["data"], seed)
     before = holdout_metrics(decoded_model(entries, model_config), teacher, holdout)
 
@@ -201,11 +215,12 @@ def run(cfg: dict, artifact: Path, quantize_summary: Path, teacher_path: Path, m
     blob, sizes = quantize.serialize(entries, model_config, qcfg)
     _, decoded = pack.unpack_tensors(pack.decompress(blob))
     state = pack.state_dict_from_tensors(decoded)
-    reports = [{"name": n, "rel_error": quantize.relative_error(w, state[n])} for n, w in ckpt["state_dict"].items()]
+    reports = [{"name": n, "rel_error": quantize.relative_error(w, state[n])} for n, w in teacher_weights.items()]
     guard = quantize.check_quantized_model(state, model_config, holdout[0], qcfg, reports, f"rescue ({out})")
     after = holdout_metrics(decoded_model(decoded, model_config), teacher, holdout)
     total = len(blob) + qsum["code_bytes"]
-    summary = {"config": cfg, "artifact": str(artifact), "teacher": str(teacher_path), "seed": seed,
+    summary = {"config": cfg, "artifact": str(artifact), "artifact_sha256": hashlib.sha256(blob).hexdigest(),
+               "teacher": str(teacher_path), "seed": seed,
                "trained": trained, "holdout_tokens": sum(b[:, 1:].numel() for b in holdout),
                "kl_before": before["kl"], "kl_after": after["kl"], "loss_before": before["loss"],
                "loss_after": after["loss"], "teacher_loss": holdout_metrics(teacher, teacher, holdout)["loss"],
@@ -213,7 +228,7 @@ def run(cfg: dict, artifact: Path, quantize_summary: Path, teacher_path: Path, m
                "lora_bytes": len(blob) - len(blob_before), "compressed_sizes": sizes,
                "code_bytes": qsum["code_bytes"], "total_bytes": total, "cap_bytes": qsum["cap_bytes"],
                "headroom_bytes": qsum["cap_bytes"] - total, **guard,
-               "max_rel_error": max(r["rel_error"] for r in reports), "seconds": round(time.time() - start, 3)}
+               "max_rel_error": quantize.worst_tensor(reports)["rel_error"], "seconds": round(time.time() - start, 3)}
     if total > qsum["cap_bytes"]:
         raise quantize.QuantizationError(
             f"rescue: artifact is {total:,} bytes (model {len(blob):,} + code {qsum['code_bytes']:,}), over "
@@ -228,15 +243,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the rescue section, as JSON")
     parser.add_argument("--artifact", required=True, type=Path, help="the quantize stage's artifact.bin")
-    parser.add_argument("--quantize-summary", required=True, type=Path, help="its summary.json")
+    parser.add_argument("--quantize-summary", required=True, type=Path,
+                        help="its summary.json, whose artifact_sha256 the artifact must match")
     parser.add_argument("--teacher", required=True, type=Path, help="the prequant checkpoint model.pt")
+    parser.add_argument("--teacher-summary", required=True, type=Path,
+                        help="the train summary.json, whose model_sha256 the teacher must match")
     parser.add_argument("--manifest", required=True, type=Path, help="tokenize manifest (train shards only)")
     parser.add_argument("--seed", required=True, type=int)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--summary", required=True, type=Path)
     args = parser.parse_args(argv)
-    s = run(json.loads(args.config), args.artifact, args.quantize_summary, args.teacher, args.manifest,
-            args.seed, args.out, args.summary)
+    s = run(json.loads(args.config), args.artifact, args.quantize_summary, args.teacher, args.teacher_summary,
+            args.manifest, args.seed, args.out, args.summary)
     print(json.dumps({k: s[k] for k in ("kl_before", "kl_after", "loss_before", "loss_after", "model_bytes",
                                         "lora_bytes", "total_bytes", "headroom_bytes", "seconds")}))
 

@@ -3,6 +3,7 @@ round-to-nearest codes and their reconstruction. Scales are fp16, as stored, and
 import torch
 
 FP16_TINY = torch.finfo(torch.float16).tiny  # the smallest normal fp16: a smaller scale would be stored as 0
+FP16_MAX = torch.finfo(torch.float16).max  # a larger scale is stored as inf
 
 
 def qmax_of(bits: int) -> int:

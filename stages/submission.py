@@ -169,7 +169,7 @@ def main(argv=None):
     rows = seed_rows(json.loads(args.runs), score)
     checks = compliance(rows, val_overlap(args.manifest), score)
     sub = submission_json(args.arm, json.loads(args.meta), rows, stats, checks)
-    logs = {int(p.stem.removeprefix("seed")): p for p in args.train_log}
+    logs = {int(p.parent.name.removeprefix("seed")): p for p in args.train_log}  # .../seed<N>/train.log
     for r in rows:
         if r["seed"] not in logs:
             raise ValueError(f"--train-log: no log for seed {r['seed']} (got {sorted(logs)})")

@@ -12,9 +12,10 @@ import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from stages import techniques
 from stages.curriculum import load_sampler
-from stages.io import atomic_path, read_json, save_torch, sha256_file, write_json, write_text
+from stages.io import read_json, save_torch, sha256_file, write_json, write_text
 from stages.model import GPT, GPTConfig, cast_to_training_dtypes, param_groups
 from stages.muon import Muon
-from stages.shards import manifest_shards, read_shard
+from stages.shards import manifest_shards, read_header, read_shard
 
 
 class TokenStream:
@@ -190,6 +191,11 @@ class Trainer:
             tokens = np.concatenate([np.asarray(read_shard(p, vocab)) for p in paths])
         self.batches = Batches(TokenStream(paths, vocab), sampler, tokens, cfg["seq_len"], self.rank, self.world)
         self.step, self.elapsed_ms, self.metrics = 0, 0.0, []
+        self.train_tokens = sum(read_header(p) for p in paths)
+        self.warnings = []
+        if cfg["seq_len"] + 1 > self.train_tokens:
+            self.warnings.append(f"train.seq_len + 1 = {cfg['seq_len'] + 1} exceeds the {self.train_tokens} train "
+                                 "tokens: every training sequence wraps around the split")
         self.ema = techniques.EMA(self.model, cfg["ema"]["decay"]) if cfg["ema"]["enabled"] else None
         sq = cfg["sqwa"]
         self.sqwa = techniques.SQWA(sq["bits"], sq["clip_percentile"], 0) if sq["enabled"] else None
@@ -307,9 +313,7 @@ class Trainer:
 
     def save_resume(self, resume_dir: Path):
         if self.rank == 0:
-            resume_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(resume_dir / "state.pt") as tmp:
-                torch.save(self.state_dict(), tmp)
+            save_torch(resume_dir / "state.pt", self.state_dict())
 
     def load_resume(self, resume_dir: Path) -> bool:
         path = resume_dir / "state.pt"
@@ -317,6 +321,15 @@ class Trainer:
             return False
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
         return True
+
+    def log(self, line: str):
+        """A line of the train log: printed, and appended to the resume folder's train.log, which keeps
+        every attempt's lines across kills and resumes until it is published beside model.pt."""
+        if self.rank == 0:
+            print(line, flush=True)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(line + "\n")
 
     def reached_cap(self) -> bool:
         budget = budget_seconds(self.cfg)
@@ -326,9 +339,15 @@ class Trainer:
         return bool(over)
 
     def fit(self, resume_dir: Path):
+        self.log_path = resume_dir / "train.log"
         resumed = self.load_resume(resume_dir)
-        if not resumed:
+        if resumed:
+            self.log(f"# resumed at step {self.step} from {resume_dir / 'state.pt'}")
+        else:
+            self.log(f"# started at step 0 (seed {self.seed}, world size {self.world}, device {self.device})")
             self.prime()
+        for warning in self.warnings:
+            self.log(f"# warning: {warning}")
         cfg = self.cfg
         stopped_by = "iterations"
         while self.step < cfg["iterations"]:
@@ -352,14 +371,13 @@ class Trainer:
             record = {"step": self.step, "loss": loss, "lr_mul": self.lr_mul,
                       "tokens": self.step * cfg["batch_tokens"], "ms": round(self.elapsed_ms, 3),
                       "step_ms": round(step_ms, 3)}
+            self.metrics.append(record)  # every step: metrics.jsonl does not depend on log_every
             if self.step % cfg["log_every"] == 0 or self.step == 1 or self.step == cfg["iterations"]:
-                self.metrics.append(record)
-                if self.rank == 0:
-                    print(json.dumps(record), flush=True)
+                self.log(json.dumps(record))
             if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
                 self.save_resume(resume_dir)
-        if self.metrics and self.metrics[-1]["step"] != self.step:
-            self.metrics.append(record)
+        if self.metrics:
+            self.log(json.dumps(self.metrics[-1]) + f"  # last step, stopped by {stopped_by}")
         return {"stopped_by": stopped_by, "resumed": resumed}
 
     def final_weights(self) -> tuple[dict, str]:
@@ -374,11 +392,26 @@ class Trainer:
             return self.ema.state_dict(), "ema"
         return self.model.state_dict(), "weights"
 
+    def check_learned(self, state: dict):
+        """A model with non-finite weights, or whose final loss is within 0.1 nats of ln(vocab) (it learned
+        nothing), is an error, not a result."""
+        for name, w in state.items():
+            if not torch.isfinite(w).all():
+                raise FloatingPointError(f"train: exported weight {name} has {int((~torch.isfinite(w)).sum())} "
+                                         "non-finite values")
+        uniform = math.log(self.model.config.vocab_size)
+        final = self.metrics[-1]["loss"] if self.metrics else None
+        if final is not None and final > uniform - 0.1:
+            raise FloatingPointError(f"train: final loss {final:.4f} nats at step {self.step} is within 0.1 of "
+                                     f"ln(vocab) = {uniform:.4f}: the model learned nothing (check train.optimizer "
+                                     "learning rates and train.iterations)")
+
     def write_outputs(self, out_dir: Path, info: dict, config: dict):
         weights, source = self.final_weights()
         if self.rank != 0:
             return
         state = {k: v.detach().float().cpu() for k, v in weights.items()}
+        self.check_learned(state)
         save_torch(out_dir / "model.pt", {"state_dict": state, "model_config": self.model.config.to_dict()})
         write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
         seconds = self.elapsed_ms / 1000
@@ -393,7 +426,55 @@ class Trainer:
             "train_seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None,
             "final_train_loss": self.metrics[-1]["loss"] if self.metrics else None,
             "params": self.model.num_params(), "world_size": self.world, "device": str(self.device),
-            "grad_accum_steps": self.accum, **extras, **info})
+            "grad_accum_steps": self.accum, "warnings": self.warnings, **extras, **info})
+        write_text(out_dir / "train.log", self.log_path.read_text())
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs on this host (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:  # gone meanwhile; without /proc (not Linux), kill() said it is alive
+        return not Path("/proc/self").exists()
+    return state != "Z"
+
+
+@contextmanager
+def trainer_lock(resume_dir: Path, out_dir: Path, rank: int):
+    """Refuse to train beside another live trainer of the same outputs (e.g. one orphaned when snakemake
+    was killed): rank 0 holds resume_dir/train.lock with its host and pid; a lock whose process is gone
+    is taken over."""
+    if rank != 0:
+        yield
+        return
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    lock, me = resume_dir / "train.lock", f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            if host == socket.gethostname() and pid.strip().isdigit() and process_alive(int(pid)):
+                raise RuntimeError(f"{out_dir}: another trainer (pid {pid.strip()} on {host}) is writing these "
+                                   f"outputs; stop it first (its lock: {lock})") from None
+            if host != socket.gethostname():
+                raise RuntimeError(f"{out_dir}: a trainer on host {host} (pid {pid.strip()}) holds {lock}; "
+                                   "remove the lock if that trainer is gone") from None
+            lock.unlink(missing_ok=True)  # its owner is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    try:
+        yield
+    finally:
+        if lock.exists() and lock.read_text() == me:
+            lock.unlink()
 
 
 def main(argv=None):
@@ -404,17 +485,20 @@ def main(argv=None):
     parser.add_argument("--seed", required=True, type=int)
     parser.add_argument("--out-dir", required=True, type=Path)
     parser.add_argument("--resume-dir", required=True, type=Path)
+    parser.add_argument("--run", default="{}", help="run settings (log_every, checkpoint_every), as JSON")
     args = parser.parse_args(argv)
-    config = json.loads(args.config)
-    trainer = Trainer(config["train"], config["curriculum"], args.manifest, args.curriculum, args.seed)
-    start = time.time()
-    info = trainer.fit(args.resume_dir)
-    trainer.write_outputs(args.out_dir, {**info, "wall_seconds": round(time.time() - start, 3)}, config)
-    if trainer.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    if trainer.rank == 0:
-        shutil.rmtree(args.resume_dir, ignore_errors=True)
+    config, run = json.loads(args.config), json.loads(args.run)
+    trainer = Trainer({**config["train"], **run}, config["curriculum"], args.manifest, args.curriculum, args.seed)
+    with trainer_lock(args.resume_dir, args.out_dir, trainer.rank):
+        start = time.time()
+        info = trainer.fit(args.resume_dir)
+        trainer.write_outputs(args.out_dir, {**info, "wall_seconds": round(time.time() - start, 3), "run": run},
+                              config)
+        if trainer.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        if trainer.rank == 0:
+            shutil.rmtree(args.resume_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 
@@ -73,7 +74,42 @@ def test_evaluate_modes_do_not_change_keys():
     cfg = default_config()
     keys = caddie.plan(cfg)["arms"]["baseline"]["evaluate"]
     cfg["defaults"]["evaluate"]["modes"] = ["sliding"]
-    assert caddie.plan(cfg)["arms"]["baseline"]["evaluate"] == keys
+    assert caddie.plan(cfg)["arms"]["baseline"]["evaluate"] == {
+        point: {"sliding": modes["sliding"]} for point, modes in keys.items()}
+
+
+def plan_after(change) -> dict:
+    cfg = default_config()
+    change(cfg)
+    return caddie.plan(cfg)["arms"]["baseline"]
+
+
+def test_a_setting_is_in_a_key_only_where_it_can_change_the_output():
+    base = plan_after(lambda cfg: None)
+    run_setting = plan_after(lambda cfg: cfg["defaults"]["train"].update(log_every=1, checkpoint_every=3))
+    assert run_setting == base
+    ttt = plan_after(lambda cfg: cfg["defaults"]["evaluate"]["ttt"].update(lr=1.0))
+    budget = plan_after(lambda cfg: cfg["defaults"]["evaluate"].update(budget_seconds=5))
+    assert budget == base
+    for point, modes in base["evaluate"].items():
+        assert ttt["evaluate"][point]["ttt"] != modes["ttt"]
+        assert ttt["evaluate"][point]["standard"] == modes["standard"]
+        assert ttt["evaluate"][point]["sliding"] == modes["sliding"]
+    ogd = plan_after(lambda cfg: cfg["defaults"]["evaluate"]["ogd"].update(enabled=True))
+    ogd_chunks = plan_after(lambda cfg: (cfg["defaults"]["evaluate"]["ogd"].update(enabled=True),
+                                         cfg["defaults"]["evaluate"]["ttt"].update(chunk_tokens=128)))
+    assert ogd_chunks["evaluate"]["quant"]["sliding"] != ogd["evaluate"]["quant"]["sliding"]  # OGD chunks by it
+
+
+def test_keys_carry_the_digest_of_the_code_each_stage_runs(monkeypatch):
+    base = plan_after(lambda cfg: None)
+    real = caddie.code_digest.__wrapped__
+    caddie.code_digest.cache_clear()
+    monkeypatch.setattr(caddie, "code_digest", lambda stage: real(stage) + ("x" if stage == "quantize" else ""))
+    changed = plan_after(lambda cfg: None)
+    assert changed["train"] == base["train"] and changed["quantize"] != base["quantize"]
+    assert changed["evaluate"]["prequant"] == base["evaluate"]["prequant"]
+    assert changed["evaluate"]["quant"] != base["evaluate"]["quant"]  # downstream of the new quantize key
 
 
 def test_stage_sources_follow_imports():
@@ -89,3 +125,137 @@ def test_presets_merged_over_the_default_are_valid(preset):
     cfg = caddie.deep_merge(default_config(), yaml.safe_load(preset.read_text()))
     caddie.validate(cfg, source=str(preset))
     assert caddie.plan(cfg)["arms"]
+
+
+@pytest.mark.parametrize("where, key, value, path", [
+    (lambda c: c["defaults"]["train"], "seq_len", 32.0, "defaults.train.seq_len"),
+    (lambda c: c["defaults"]["train"], "iterations", 30.0, "defaults.train.iterations"),
+    (lambda c: c["arms"]["int6"]["quantize"], "bits", 6.0, "arms.int6.quantize.bits"),
+    (lambda c: c["arms"]["int6"]["quantize"], "embed_bits", 8.0, "arms.int6.quantize.embed_bits"),
+    (lambda c: c["defaults"]["quantize"]["size_target"], "bytes", 1.5e7, "defaults.quantize.size_target.bytes"),
+    (lambda c: c["defaults"]["train"]["model"], "recur_layers", [0, 1.0], "defaults.train.model.recur_layers.1"),
+    (lambda c: c, "seeds", [1337.0], "seeds.0"),
+])
+def test_float_valued_integer_is_rejected_with_its_path(where, key, value, path):
+    cfg = default_config()
+    where(cfg)[key] = value
+    with pytest.raises(caddie.ConfigError) as err:
+        caddie.validate(cfg)
+    shown = value[-1] if isinstance(value, list) else value
+    assert f"{path}: {shown!r} is not of type 'integer'" in str(err.value)
+
+
+def test_bool_is_not_an_integer():
+    cfg = default_config()
+    cfg["defaults"]["train"]["nproc"] = True
+    with pytest.raises(caddie.ConfigError, match=r"defaults\.train\.nproc: True is not of type 'integer'"):
+        caddie.validate(cfg)
+
+
+def test_plan_time_problem_of_an_arm_names_its_key_path():
+    cfg = default_config()
+    cfg["arms"]["foo"] = {"evaluate": {"stride": 256}}
+    with pytest.raises(caddie.ConfigError) as err:
+        caddie.validate(cfg, source="my.yaml")
+    assert "arms.foo.evaluate.stride: 256 exceeds evaluate.seq_len 128" in str(err.value)
+    assert "my.yaml" in str(err.value)
+
+
+def test_every_plan_time_problem_is_listed_once_in_one_error():
+    cfg = default_config()
+    cfg["defaults"]["evaluate"]["stride"] = 256
+    cfg["arms"]["int6"]["train"] = {"micro_batches": 3}
+    cfg["arms"]["gptq-int6"]["train"] = {"model": {"num_heads": 3, "num_kv_heads": 1}}
+    with pytest.raises(caddie.ConfigError) as err:
+        caddie.validate(cfg)
+    lines = str(err.value).splitlines()[1:]
+    assert [line.strip() for line in lines] == [
+        "defaults.evaluate.stride: 256 exceeds evaluate.seq_len 128",
+        "arms.int6.train.batch_tokens: 4096 is not divisible by train.micro_batches 3",
+        "arms.gptq-int6.train.model.model_dim: 128 is not divisible by train.model.num_heads 3",
+    ]  # an arm that inherits the defaults' problem does not repeat it
+
+
+def test_plan_time_checks_run_only_on_a_config_the_schema_accepts():
+    cfg = default_config()
+    cfg["defaults"]["evaluate"]["stride"] = 256
+    cfg["arms"]["int6"]["quantize"]["bits"] = 6.0
+    with pytest.raises(caddie.ConfigError) as err:
+        caddie.validate(cfg)
+    assert "arms.int6.quantize.bits: 6.0 is not of type 'integer'" in str(err.value)
+    assert "stride" not in str(err.value)
+
+
+BROKEN_YAML = "seeds: [1, 2\narms: {baseline: {}}\n"  # the flow sequence is never closed
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    from stages import checks
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN_YAML)
+    with pytest.raises(caddie.ConfigError) as err:
+        checks.load_yaml(path)
+    assert f"{path}, line 2, column 5:" in str(err.value)
+    assert "line 1, column 8" in str(err.value)  # where the unclosed sequence starts
+
+
+def test_config_file_that_is_not_a_mapping_names_the_file(tmp_path):
+    from stages import checks
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(caddie.ConfigError, match="list.yaml: the top level must be a mapping"):
+        checks.load_yaml(path)
+
+
+def test_checks_cli_merges_configfiles_as_snakemake_does(tmp_path, capsys, monkeypatch):
+    from stages import checks
+    monkeypatch.chdir(caddie.STAGES_DIR.parent)
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("arms: {foo: {evaluate: {stride: 64}}}\n")
+    assert checks.main([str(good)]) == 0
+    bad.write_text("arms: {foo: {evaluate: {stride: 256}}}\n")
+    assert checks.main([str(good), str(bad)]) == 1
+    assert "arms.foo.evaluate.stride: 256 exceeds evaluate.seq_len 128" in capsys.readouterr().err
+    bad.write_text(BROKEN_YAML)
+    assert checks.main([str(bad)]) == 1
+    assert f"{bad}, line 2, column 5:" in capsys.readouterr().err
+
+
+def copied_workflow(tmp_path):
+    import shutil
+    for name in ("Snakefile", "rules", "schemas", "stages", "profiles", "config.yaml"):
+        src = caddie.STAGES_DIR.parent / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    return tmp_path
+
+
+def dry_run(work, *args):
+    import subprocess
+    import sys
+    from pathlib import Path
+    snakemake = str(Path(sys.executable).parent / "snakemake")
+    done = subprocess.run([snakemake, "-n", *args], cwd=work, capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.pipeline
+def test_snakemake_names_file_and_line_of_a_broken_config_yaml(tmp_path):
+    work = copied_workflow(tmp_path)
+    text = (work / "config.yaml").read_text()
+    assert "  baseline: {}\n" in text
+    (work / "config.yaml").write_text(text.replace("  baseline: {}\n", "  baseline: {\n", 1))
+    line = text.splitlines().index("  baseline: {}") + 1
+    rc, out = dry_run(work)
+    assert rc != 0
+    assert re.search(rf"config\.yaml, line \d+, column \d+: .*\(while parsing a flow mapping at line {line},", out), out
+
+
+@pytest.mark.pipeline
+def test_snakemake_rejects_float_integers_and_plan_time_problems_in_a_configfile(tmp_path):
+    work = copied_workflow(tmp_path)
+    (work / "bad.yaml").write_text("arms: {baseline: {}, foo: {evaluate: {stride: 256}, quantize: {bits: 6.0}}}\n")
+    rc, out = dry_run(work, "--configfile", "bad.yaml")
+    assert rc != 0 and "arms.foo.quantize.bits: 6.0 is not of type 'integer'" in out, out
+    (work / "bad.yaml").write_text("arms: {baseline: {}, foo: {evaluate: {stride: 256}}}\n")
+    rc, out = dry_run(work, "--configfile", "bad.yaml")
+    assert rc != 0 and "arms.foo.evaluate.stride: 256 exceeds evaluate.seq_len 128" in out, out

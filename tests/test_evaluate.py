@@ -1,6 +1,7 @@
 import itertools
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -8,8 +9,11 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
+from files import change_byte, flip_mantissa_bit, save_checkpoint, summary_of
 from stages import bpb, evaluate
+from stages.io import IntegrityError, sha256_file
 from stages.model import GPT, GPTConfig
+from stages.shards import read_shard, write_shard
 
 
 @pytest.mark.parametrize("n, seq_len, stride", list(itertools.product(
@@ -234,14 +238,21 @@ def test_lora_config_errors_name_the_key():
         evaluate.token_losses(tiny_model(), tokens, "ttt", eval_config("lora", {"targets": ["attn.c_z"]}), CPU)
 
 
+def saved_model(tiny_data, folder, poison=None):
+    """A random model of the tiny data's vocabulary saved as a train stage would (model.pt + summary)."""
+    model = tiny_model(vocab=json.loads(tiny_data["manifest"].read_text())["vocab_size"])
+    state = model.state_dict()
+    if poison:
+        poison(state)
+    return save_checkpoint(folder, state, model.config.to_dict())
+
+
 def test_run_writes_the_result_json(tiny_data, tmp_path):
     manifest = json.loads(tiny_data["manifest"].read_text())
-    model = tiny_model(vocab=manifest["vocab_size"])
-    ckpt = tmp_path / "model.pt"
-    torch.save({"state_dict": model.state_dict(), "model_config": model.config.to_dict()}, ckpt)
+    ckpt = saved_model(tiny_data, tmp_path / "train")
     cfg = eval_config(seq_len=64, stride=16, batch_seqs=16)
     out = tmp_path / "sliding.json"
-    result = evaluate.run(cfg, "sliding", ckpt, tiny_data["manifest"], out)
+    result = evaluate.run(cfg, "sliding", ckpt, summary_of(ckpt), tiny_data["manifest"], out)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["tokens"] == manifest["tokens"]["val"] - 1
     assert result["raw_bytes"] == manifest["val_raw_bytes"]
@@ -253,3 +264,71 @@ def test_run_writes_the_result_json(tiny_data, tmp_path):
         result["loss_nats"] * result["tokens"] / (math.log(2) * result["bytes"]))
     for key in ("point", "mode", "tokens", "bytes", "raw_bytes", "loss_nats", "val_bpb", "seconds"):
         assert key in result
+    assert result["warnings"] == [] and result["model_sha256"] == sha256_file(ckpt)
+
+
+def nan_weight(state):
+    state["blocks.0.mlp.fc.weight"][0, 0] = math.nan
+
+
+@pytest.mark.parametrize("mode, method", [("standard", "sgd"), ("sliding", "sgd"), ("ttt", "sgd"), ("ttt", "lora")])
+def test_non_finite_losses_are_an_error_not_never_scored_targets(mode, method):
+    model = tiny_model()
+    nan_weight(model.state_dict())  # its tensors share the parameters' storage
+    with pytest.raises(FloatingPointError, match=r"the model's loss of val target 1 is nan"):
+        evaluate.score(model, with_bos(100, [0, 50]), flat_tables(64), eval_config(method), mode, CPU)
+
+
+def test_a_model_with_non_finite_losses_is_named(tiny_data, tmp_path):
+    ckpt = saved_model(tiny_data, tmp_path / "train", nan_weight)
+    with pytest.raises(FloatingPointError, match=rf"{ckpt} \(standard eval\): the model's loss of val target \d+ "
+                                                 r"is nan: it produces non-finite outputs"):
+        evaluate.run(eval_config(seq_len=64, stride=16), "standard", ckpt, summary_of(ckpt), tiny_data["manifest"],
+                     tmp_path / "standard.json")
+    assert not (tmp_path / "standard.json").exists()
+
+
+def copied_data(tiny_data, folder):
+    shutil.copytree(tiny_data["dir"], folder)
+    return folder / "manifest.json"
+
+
+def test_a_seq_len_beyond_the_val_split_is_a_warning_in_the_log_and_the_result(tiny_data, tmp_path, capsys):
+    manifest_path = copied_data(tiny_data, tmp_path / "data")
+    manifest = json.loads(manifest_path.read_text())
+    val = next(s for s in manifest["shards"] if s["split"] == "val")
+    write_shard(manifest_path.parent / val["name"], read_shard(manifest_path.parent / val["name"])[:40])
+    val.update(tokens=40, sha256=sha256_file(manifest_path.parent / val["name"]))
+    manifest["shards"] = [s for s in manifest["shards"] if s["split"] != "val" or s is val]
+    manifest_path.write_text(json.dumps(manifest))
+    ckpt = saved_model(tiny_data, tmp_path / "train")
+    result = evaluate.run(eval_config(seq_len=64, stride=16), "sliding", ckpt, summary_of(ckpt), manifest_path,
+                          tmp_path / "sliding.json")
+    assert result["tokens"] == 39
+    warning = "evaluate.seq_len = 64 exceeds the val split's 40 tokens: no window is full"
+    assert len(result["warnings"]) == 1 and result["warnings"][0].startswith(warning)
+    assert warning in capsys.readouterr().err
+
+
+def test_a_changed_checkpoint_is_refused_naming_it(tiny_data, tmp_path):
+    ckpt = saved_model(tiny_data, tmp_path / "train")
+    flip_mantissa_bit(ckpt, torch.load(ckpt, weights_only=True)["state_dict"]["blocks.1.attn.c_v.weight"])
+    with pytest.raises(IntegrityError, match=r"train/model.pt: sha256 .* recorded in .*train/summary.json"):
+        evaluate.run(eval_config(seq_len=64), "standard", ckpt, summary_of(ckpt), tiny_data["manifest"],
+                     tmp_path / "standard.json")
+
+
+def test_a_tokenizer_that_is_not_the_manifest_s_is_refused_naming_it(tiny_data, tmp_path):
+    manifest_path = copied_data(tiny_data, tmp_path / "data")
+    change_byte(manifest_path.parent / "tokenizer.model", 100)
+    ckpt = saved_model(tiny_data, tmp_path / "train")
+    with pytest.raises(IntegrityError, match=r"data/tokenizer.model: sha256 .* recorded in .*data/manifest.json"):
+        evaluate.run(eval_config(seq_len=64), "standard", ckpt, summary_of(ckpt), manifest_path,
+                     tmp_path / "standard.json")
+
+
+def test_the_model_summary_must_record_the_field_of_its_point(tiny_data, tmp_path):
+    ckpt = saved_model(tiny_data, tmp_path / "train")
+    with pytest.raises(IntegrityError, match=r"summary.json: no 'artifact_sha256' recorded"):
+        evaluate.run(eval_config(seq_len=64, point="quant"), "standard", ckpt, summary_of(ckpt),
+                     tiny_data["manifest"], tmp_path / "standard.json")

@@ -1,9 +1,14 @@
 """End to end through the real `snakemake` CLI, on a tiny configuration in a copy of the workflow."""
+import contextlib
+import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -39,7 +44,7 @@ def tiny_config() -> dict:
 def workdir(tmp_path_factory):
     """A copy of the workflow (so artifacts land in a temp folder) with a tiny config, run once."""
     work = tmp_path_factory.mktemp("workflow")
-    for name in ("Snakefile", "rules", "schemas", "stages", "profiles", "config.yaml"):
+    for name in ("Snakefile", "rules", "schemas", "stages", "profiles", "presets", "config.yaml"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
     write_config(work, tiny_config())
@@ -57,9 +62,9 @@ def snakemake(work, *args):
                           capture_output=True, text=True, timeout=600)
 
 
-def planned_jobs(work) -> dict:
+def planned_jobs(work, *args) -> dict:
     """{rule: count} from the job-stats table of a dry run."""
-    done = snakemake(work, "-n")
+    done = snakemake(work, "-n", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout.split("Job stats:")[-1] if "Job stats:" in done.stdout else ""
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
@@ -143,3 +148,161 @@ def test_snakemake_report_bundles_the_registered_outputs(workdir):
         names = "\n".join(z.namelist())
     for name in ("report.html", "stats.json", "results.csv", *(Path(f).name for f in report.FIGURES.values())):
         assert name in names
+
+
+@contextlib.contextmanager
+def config_changed(work, change):
+    """The tiny config with `change(cfg)` applied, restored afterwards."""
+    cfg = tiny_config()
+    change(cfg)
+    write_config(work, cfg)
+    try:
+        yield cfg
+    finally:
+        write_config(work, tiny_config())
+
+
+@contextlib.contextmanager
+def file_edited(path, edit):
+    original = path.read_text()
+    path.write_text(edit(original))
+    try:
+        yield
+    finally:
+        path.write_text(original)
+
+
+def digests(folder) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("key, value", [("log_every", 3), ("checkpoint_every", 7)])
+def test_run_settings_do_not_retrain(workdir, key, value):
+    with config_changed(workdir, lambda cfg: cfg["defaults"]["train"].update({key: value})):
+        assert planned_jobs(workdir) == {}
+
+
+def test_ttt_settings_rerun_only_the_ttt_evaluations_and_the_budget_only_the_report(workdir):
+    plan = caddie.plan(tiny_config())
+    ttt_evals = len({k for keys in plan["arms"].values() for modes in keys["evaluate"].values()
+                     for m, k in modes.items() if m == "ttt"}) * 2
+    with config_changed(workdir, lambda cfg: cfg["defaults"]["evaluate"]["ttt"].update(lr=0.001)):
+        assert planned_jobs(workdir) == {"evaluate": ttt_evals, "aggregate": 1, "all": 1}
+    with config_changed(workdir, lambda cfg: cfg["defaults"]["evaluate"].update(budget_seconds=1)):
+        assert planned_jobs(workdir) == {"aggregate": 1, "all": 1}
+
+
+def test_a_moved_project_under_another_interpreter_path_reruns_nothing(workdir, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved, symlinks=True)
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.symlink_to(sys.executable)
+    done = subprocess.run([str(python), "-m", "snakemake", "--configfile", "tiny.yaml", "-n"], cwd=moved,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Nothing to be done" in done.stdout + done.stderr, done.stdout[-3000:]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda cfg: cfg["defaults"]["tokenize"].update(source="files", files={"paths": ["corpus/*.txt"],
+                                                                            "txt_split": "file", "text_field": "text"}),
+     "tokenize.files.paths: 'corpus/*.txt' matches no file"),
+    (lambda cfg: cfg["defaults"]["tokenize"].update(tokenizer_model="missing.model"),
+     "tokenize.tokenizer_model: 'missing.model' is not a file"),
+    (lambda cfg: cfg["defaults"]["quantize"].update(counted_code=["stages/gone.py"]),
+     "quantize.counted_code: 'stages/gone.py' is not a file"),
+])
+def test_input_problems_fail_the_invocation_whatever_exists(workdir, change, message):
+    for target in ([], ["all_train"], ["reports/stats.json"]):
+        with config_changed(workdir, change):
+            done = snakemake(workdir, "-n", *target)
+        assert done.returncode != 0 and message in done.stdout + done.stderr, (target, done.stdout[-2000:])
+
+
+def test_preset_with_its_data_missing_fails_after_a_completed_run(workdir):
+    done = subprocess.run([SNAKEMAKE, "--configfile", "presets/h100x8-sp1024.yaml", "-n"], cwd=workdir,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "tokenize.challenge.dir: 'data/datasets/fineweb10B_sp1024' is not a directory" in done.stdout + done.stderr
+
+
+def test_overwriting_a_given_tokenizer_model_reruns_tokenize(workdir, tmp_path):
+    models = sorted((workdir / "artifacts" / "tokenize").glob("*/tokenizer.model"))
+    given = workdir / "given.model"
+    shutil.copy(models[0], given)
+
+    def use_given(cfg):
+        cfg["defaults"]["tokenize"]["tokenizer_model"] = "given.model"
+
+    with config_changed(workdir, use_given):
+        done = snakemake(workdir, "--cores", "2", "all_tokenize")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert planned_jobs(workdir, "all_tokenize") == {}
+        given.write_bytes(given.read_bytes() + b"\0")  # a different file at the same path
+        assert planned_jobs(workdir, "all_tokenize").get("tokenize") == 1
+
+
+def test_a_broken_stage_keeps_the_last_good_outputs_and_reverting_it_reruns_nothing(workdir):
+    before_train = digests(workdir / "artifacts" / "train")
+    before_reports = digests(workdir / "reports")
+    train_py = workdir / "stages" / "train.py"
+    with file_edited(train_py, lambda text: text.replace("def main(argv=None):\n",
+                                                          "def main(argv=None):\n    raise RuntimeError('broken')\n")):
+        done = snakemake(workdir, "--cores", "2")
+        assert done.returncode != 0 and "broken" in done.stdout + done.stderr + "".join(
+            p.read_text() for p in (workdir / "logs" / "train").rglob("*.log"))
+    assert {k: v for k, v in digests(workdir / "artifacts" / "train").items() if k in before_train} == before_train
+    assert digests(workdir / "reports") == before_reports
+    assert planned_jobs(workdir) == {}  # the reverted code maps back to the old keys
+
+
+def test_a_failing_aggregate_keeps_the_last_good_reports(workdir):
+    before = digests(workdir / "reports")
+    (workdir / "bad.log").write_text("not a train log\n")
+    with config_changed(workdir, lambda cfg: cfg["report"].update(published_logs=["bad.log"])):
+        done = snakemake(workdir, "--cores", "2")
+        assert done.returncode != 0
+        assert "Restored previous version" in done.stdout + done.stderr
+    assert digests(workdir / "reports") == before
+    assert planned_jobs(workdir) == {}
+
+
+def test_a_trainer_orphaned_by_a_killed_snakemake_blocks_a_second_one_then_resumes(workdir):
+    def slow(cfg):
+        cfg["defaults"]["train"].update(iterations=10**6, max_seconds=20, checkpoint_every=20, log_every=100)
+
+    plan = caddie.plan(tiny_config())
+    with config_changed(workdir, slow) as cfg:
+        key = caddie.plan(cfg)["arms"]["baseline"]["train"]
+        run_dir = workdir / "artifacts" / "train" / key / "seed1"
+        first = subprocess.Popen([SNAKEMAKE, "--configfile", "tiny.yaml", "--cores", "1", f"{run_dir}/model.pt"],
+                                 cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lock, state = run_dir / "resume" / "train.lock", run_dir / "resume" / "state.pt"
+        deadline = time.time() + 300
+        while not (state.exists() and lock.exists()) and time.time() < deadline:
+            time.sleep(0.5)
+        assert state.exists(), "the trainer never checkpointed"
+        orphan = int(lock.read_text().split()[1])
+        first.send_signal(signal.SIGKILL)  # snakemake dies; its trainer runs on
+        first.wait()
+        try:
+            assert snakemake(workdir, "--unlock").returncode == 0
+            second = snakemake(workdir, "--cores", "1", "--rerun-incomplete", f"{run_dir}/model.pt")
+            assert second.returncode != 0
+            log = (workdir / "logs" / "train" / key / "seed1.log").read_text()
+            assert f"another trainer (pid {orphan}" in log
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(orphan, signal.SIGKILL)
+        deadline = time.time() + 30
+        while lock.exists() and Path(f"/proc/{orphan}").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        third = snakemake(workdir, "--cores", "1", "--rerun-incomplete", f"{run_dir}/model.pt")
+        assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["resumed"] and summary["stopped_by"] == "wallclock"
+        train_log = (run_dir / "train.log").read_text()
+        assert train_log.count("# started at step 0") == 1 and "# resumed at step" in train_log
+    assert plan == caddie.plan(tiny_config())

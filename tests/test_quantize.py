@@ -1,15 +1,28 @@
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_quantize_config
-from stages import pack, quantize, rowquant
+from files import flip_mantissa_bit, save_checkpoint, summary_of
+from stages import io, pack, quantize, rowquant
+from stages.model import load_checkpoint
 
 
 def run(cfg, ckpt, data, tmp_path, name="artifact"):
-    return quantize.run(cfg, ckpt, data["manifest"], 1, tmp_path / f"{name}.bin", tmp_path / f"{name}.json")
+    return quantize.run(cfg, ckpt, summary_of(ckpt), data["manifest"], 1, tmp_path / f"{name}.bin",
+                        tmp_path / f"{name}.json")
+
+
+def altered_checkpoint(tiny_checkpoint, folder, name, change):
+    """A copy of the tiny checkpoint, recorded by its own train summary, with `change(weight)` applied to one
+    tensor in place."""
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    with torch.no_grad():
+        change(ckpt["state_dict"][name])
+    return save_checkpoint(folder, ckpt["state_dict"], ckpt["model_config"])
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4])
@@ -39,6 +52,7 @@ def test_artifact_round_trip_gives_a_working_model(tiny_checkpoint, tiny_data, t
     for name, w in loaded.state_dict().items():
         assert (w - ckpt["state_dict"][name]).norm() <= 0.02 * ckpt["state_dict"][name].norm() + 1e-6, name
     assert summary["model_bytes"] == (tmp_path / "artifact.bin").stat().st_size
+    assert summary["artifact_sha256"] == io.sha256_file(tmp_path / "artifact.bin")
     assert summary["total_bytes"] == summary["model_bytes"] + summary["code_bytes"]
     assert summary["headroom_bytes"] == 16_000_000 - summary["total_bytes"]
     assert summary["calibration_loss"] < summary["uniform_loss"] - 1
@@ -97,8 +111,8 @@ def test_size_target_prunes_least_important_codes_to_fit(tiny_checkpoint, tiny_d
     assert tight["total_bytes"] <= target < free["total_bytes"]
     assert 0 < tight["size_target"]["pruned_codes"] < tight["size_target"]["candidates"]
     assert tight["max_rel_error"] > free["max_rel_error"]
-    with pytest.raises(quantize.QuantizationError, match="quantize.size_target"):
-        run(tiny_quantize_config(**sdclip, size_target={"enabled": True, "bytes": 5000}),
+    with pytest.raises(quantize.QuantizationError, match="quantize.size_target: even zeroing all"):
+        run(tiny_quantize_config(**sdclip, size_target={"enabled": True, "bytes": free["code_bytes"] + 500}),
             tiny_checkpoint, tiny_data, tmp_path, "impossible")
 
 
@@ -189,3 +203,103 @@ def test_each_storage_form_changes_the_artifact_and_round_trips(tiny_checkpoint,
     if form == "mixed_rows":
         bits = [t["bits"] for t in other["tensors"] if t["kind"] == "mixed_rows"]
         assert all(4 < b < 8 for b in bits)  # a mix of 4- and 8-bit rows
+
+
+def test_a_size_target_below_the_counted_code_names_the_key_its_value_and_the_code(tiny_checkpoint, tiny_data,
+                                                                                 tmp_path):
+    code = quantize.counted_code(tiny_quantize_config()["counted_code"], "raw")["bytes"]
+    with pytest.raises(quantize.QuantizationError,
+                       match=rf"quantize.size_target.bytes = 1,000 leaves no room for the model: the counted code "
+                             rf"alone is {code:,} bytes"):
+        run(tiny_quantize_config(size_target={"enabled": True, "bytes": 1000}), tiny_checkpoint, tiny_data, tmp_path)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tiny_checkpoint, tiny_data, tmp_path,
+                                                                          value):
+    def poison(w):
+        w[3, 5] = value
+    ckpt = altered_checkpoint(tiny_checkpoint, tmp_path / "train", "blocks.1.mlp.fc.weight", poison)
+    with pytest.raises(quantize.QuantizationError, match=r"model.pt: blocks.1.mlp.fc.weight has 1 non-finite"):
+        run(tiny_quantize_config(), ckpt, tiny_data, tmp_path)
+    assert not (tmp_path / "artifact.bin").exists()
+
+
+def test_a_row_scale_that_overflows_fp16_is_refused_naming_the_tensor_and_value(tiny_checkpoint, tiny_data,
+                                                                               tmp_path):
+    def huge(w):
+        w[2, 7] = 2e7  # 2e7 / 127 > 65504, the largest fp16
+    ckpt = altered_checkpoint(tiny_checkpoint, tmp_path / "train", "blocks.0.attn.c_q.weight", huge)
+    with pytest.raises(quantize.QuantizationError,
+                       match=r"blocks.0.attn.c_q.weight row 2: \|w\| reaches 2e\+07; its row scale overflows the fp16"):
+        run(tiny_quantize_config(), ckpt, tiny_data, tmp_path)
+
+
+def test_a_non_zero_row_whose_scale_underflows_fp16_is_refused(tiny_checkpoint, tiny_data, tmp_path):
+    def tiny(w):
+        w[4] = 1e-7 * torch.randn(w.size(1))
+    ckpt = altered_checkpoint(tiny_checkpoint, tmp_path / "train", "blocks.0.mlp.proj.weight", tiny)
+    with pytest.raises(quantize.QuantizationError,
+                       match=r"blocks.0.mlp.proj.weight row 4: \|w\| reaches only \d.*e-07.*stored as zeros"):
+        run(tiny_quantize_config(), ckpt, tiny_data, tmp_path)
+
+
+def test_an_all_zero_row_is_stored_as_zeros(tiny_checkpoint, tiny_data, tmp_path):
+    def zero(w):
+        w[4] = 0
+    ckpt = altered_checkpoint(tiny_checkpoint, tmp_path / "train", "blocks.0.mlp.proj.weight", zero)
+    run(tiny_quantize_config(), ckpt, tiny_data, tmp_path)
+    assert (pack.load_model(tmp_path / "artifact.bin").state_dict()["blocks.0.mlp.proj.weight"][4] == 0).all()
+
+
+def test_relative_error_of_non_finite_weights_is_nan():
+    w = torch.ones(4, 4)
+    assert math.isnan(quantize.relative_error(w, torch.full((4, 4), math.nan)))
+    assert math.isnan(quantize.relative_error(torch.full((4, 4), math.nan), w))
+    assert quantize.relative_error(torch.zeros(4, 4), torch.zeros(4, 4)) == 0.0
+
+
+def guard_inputs(tiny_checkpoint, tiny_data):
+    model = load_checkpoint(tiny_checkpoint)
+    batch = quantize.train_calibration(tiny_data["manifest"], tiny_quantize_config()["calibration"], seed=1)[0]
+    return model.state_dict(), model.config.to_dict(), batch
+
+
+def test_a_nan_relative_error_fails_the_guard_and_is_the_worst(tiny_checkpoint, tiny_data):
+    state, model_config, batch = guard_inputs(tiny_checkpoint, tiny_data)
+    reports = [{"name": n, "rel_error": e} for n, e in (("a", 0.001), ("b", math.nan), ("c", 0.002))]
+    assert quantize.worst_tensor(reports)["name"] == "b"
+    with pytest.raises(quantize.QuantizationError, match=r"ckpt: b relative error nan exceeds quantize.max_rel_"):
+        quantize.check_quantized_model(state, model_config, batch, tiny_quantize_config(), reports, "ckpt")
+
+
+def test_a_nan_calibration_loss_fails_the_guard(tiny_checkpoint, tiny_data, monkeypatch):
+    state, model_config, batch = guard_inputs(tiny_checkpoint, tiny_data)
+    monkeypatch.setattr(quantize, "batch_loss", lambda model, batch: math.nan)
+    with pytest.raises(quantize.QuantizationError, match=r"ckpt: quantized model's calibration loss is nan"):
+        quantize.check_quantized_model(state, model_config, batch, tiny_quantize_config(),
+                                       [{"name": "a", "rel_error": 0.001}], "ckpt")
+
+
+def test_a_non_finite_decoded_tensor_fails_the_guard(tiny_checkpoint, tiny_data):
+    state, model_config, batch = guard_inputs(tiny_checkpoint, tiny_data)
+    state["blocks.0.attn.c_k.weight"][0, 0] = math.inf
+    with pytest.raises(quantize.QuantizationError, match=r"ckpt: the quantized blocks.0.attn.c_k.weight has 1 non-fin"):
+        quantize.check_quantized_model(state, model_config, batch, tiny_quantize_config(),
+                                       [{"name": "a", "rel_error": 0.001}], "ckpt")
+
+
+def test_a_checkpoint_changed_after_training_is_refused_naming_it(tiny_checkpoint, tiny_data, tmp_path):
+    ckpt = altered_checkpoint(tiny_checkpoint, tmp_path / "train", "tok_emb.weight", lambda w: None)
+    flip_mantissa_bit(ckpt, torch.load(ckpt, weights_only=True)["state_dict"]["blocks.0.mlp.fc.weight"])
+    with pytest.raises(io.IntegrityError, match=r"train/model.pt: sha256 .* recorded in .*train/summary.json"):
+        run(tiny_quantize_config(), ckpt, tiny_data, tmp_path)
+
+
+def test_a_truncated_checkpoint_is_an_error_naming_it(tiny_checkpoint, tmp_path):
+    truncated = tmp_path / "model.pt"
+    data = tiny_checkpoint.read_bytes()
+    for length in (0, 100, len(data) // 2, len(data) - 10):
+        truncated.write_bytes(data[:length])
+        with pytest.raises(io.IntegrityError, match=rf"{truncated}: cannot be read as a checkpoint .*truncated or"):
+            load_checkpoint(truncated)

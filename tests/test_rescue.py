@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_quantize_config
-from stages import pack, quantize, rescue
+from files import change_byte, flip_mantissa_bit, save_checkpoint, summary_of
+from stages import io, pack, quantize, rescue
 from stages.shards import load_tokens, manifest_shards
 
 TARGETS = ["attn.c_q", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj"]
@@ -24,14 +25,15 @@ def quantized(tiny_checkpoint, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantize")
     for name, lqer in (("plain", {"rank": 0, "top_k": 3, "factor_bits": 4}),
                        ("lqer", {"rank": 2, "top_k": 3, "factor_bits": 4})):
-        quantize.run(tiny_quantize_config(bits=4, lqer=lqer), tiny_checkpoint, tiny_data["manifest"], 1,
-                     out / f"{name}.bin", out / f"{name}.json")
+        quantize.run(tiny_quantize_config(bits=4, lqer=lqer), tiny_checkpoint, summary_of(tiny_checkpoint),
+                     tiny_data["manifest"], 1, out / f"{name}.bin", out / f"{name}.json")
     return out
 
 
-def run(cfg, quantized, tiny_checkpoint, tiny_data, tmp_path, source="plain", summary=None):
-    return rescue.run(cfg, quantized / f"{source}.bin", summary or quantized / f"{source}.json", tiny_checkpoint,
-                      tiny_data["manifest"], 1, tmp_path / "rescued.bin", tmp_path / "rescued.json")
+def run(cfg, quantized, teacher, tiny_data, tmp_path, source="plain", summary=None):
+    return rescue.run(cfg, quantized / f"{source}.bin", summary or quantized / f"{source}.json", teacher,
+                      summary_of(teacher), tiny_data["manifest"], 1, tmp_path / "rescued.bin",
+                      tmp_path / "rescued.json")
 
 
 def entries_of(path):
@@ -70,6 +72,7 @@ def test_lcq_stores_its_lora_in_the_artifact_and_lowers_kl(quantized, tiny_check
     assert s["lora_bytes"] == s["model_bytes"] - s["model_bytes_before"] > 0
     assert 0.5 * added < s["lora_bytes"] < 1.2 * added  # the factors, compressed, are what the bytes grew by
     assert s["model_bytes"] == (tmp_path / "rescued.bin").stat().st_size
+    assert s["artifact_sha256"] == io.sha256_file(tmp_path / "rescued.bin")
     assert s["total_bytes"] == s["model_bytes"] + s["code_bytes"] and s["headroom_bytes"] > 0
     x = torch.arange(32)[None] % 500
     old, new = pack.load_model(quantized / "plain.bin"), pack.load_model(tmp_path / "rescued.bin")
@@ -125,3 +128,43 @@ def test_batches_are_train_tokens_only_and_held_out_differs(tiny_data):
     train = load_tokens(manifest_shards(tiny_data["manifest"], "train")).tobytes()
     assert all(np.asarray(row, dtype=np.uint16).tobytes() in train for b in fit + holdout for row in b)
     assert not any(torch.equal(f, h) for f in fit for h in holdout)
+
+
+def poisoned_distill(monkeypatch):
+    """distill as it is, then one trained parameter set to NaN: a fit that diverged."""
+    distill = rescue.distill
+
+    def diverged(student, teacher, params, *args):
+        fit = distill(student, teacher, params, *args)
+        with torch.no_grad():
+            params[-1].view(-1)[0] = float("nan")
+        return fit
+    monkeypatch.setattr(rescue, "distill", diverged)
+
+
+@pytest.mark.parametrize("lcq, calibrate, what", [(True, False, r"rescue.lcq: the LoRA of blocks\.\d\.\S+\.weight"),
+                                                  (False, True, r"rescue.calibrate: the refitted \S+")])
+def test_a_fit_that_diverged_is_refused_and_writes_nothing(quantized, tiny_checkpoint, tiny_data, tmp_path,
+                                                          monkeypatch, lcq, calibrate, what):
+    poisoned_distill(monkeypatch)
+    with pytest.raises(quantize.QuantizationError, match=what + r" has 1 non-finite value"):
+        run(rescue_config(lcq, calibrate), quantized, tiny_checkpoint, tiny_data, tmp_path)
+    assert not (tmp_path / "rescued.bin").exists() and not (tmp_path / "rescued.json").exists()
+
+
+def test_a_changed_artifact_is_refused_naming_it(quantized, tiny_checkpoint, tiny_data, tmp_path):
+    artifact = tmp_path / "q" / "plain.bin"
+    artifact.parent.mkdir()
+    artifact.write_bytes((quantized / "plain.bin").read_bytes())
+    change_byte(artifact, 1000)
+    with pytest.raises(io.IntegrityError, match=r"q/plain.bin: sha256 .* recorded in .*plain.json"):
+        rescue.run(rescue_config(), artifact, quantized / "plain.json", tiny_checkpoint, summary_of(tiny_checkpoint),
+                   tiny_data["manifest"], 1, tmp_path / "rescued.bin", tmp_path / "rescued.json")
+
+
+def test_a_changed_teacher_is_refused_naming_it(quantized, tiny_checkpoint, tiny_data, tmp_path):
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    teacher = save_checkpoint(tmp_path / "train", ckpt["state_dict"], ckpt["model_config"])
+    flip_mantissa_bit(teacher, ckpt["state_dict"]["blocks.0.attn.proj.weight"])
+    with pytest.raises(io.IntegrityError, match=r"train/model.pt: sha256 .* recorded in .*train/summary.json"):
+        run(rescue_config(), quantized, teacher, tiny_data, tmp_path)

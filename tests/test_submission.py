@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from stages import submission
+from stages.io import sha256_file
 from stages.shards import write_shard
 
 
@@ -28,7 +29,8 @@ def manifest_with(tmp_path, train, val):
     tmp_path.mkdir()
     for name, tokens in (("fineweb_train_000000.bin", train), ("fineweb_val_000000.bin", val)):
         write_shard(tmp_path / name, np.array(tokens, dtype=np.uint16))
-    shards = [{"name": "fineweb_train_000000.bin", "split": "train"}, {"name": "fineweb_val_000000.bin", "split": "val"}]
+    shards = [{"name": name, "split": split, "sha256": sha256_file(tmp_path / name)}
+              for name, split in (("fineweb_train_000000.bin", "train"), ("fineweb_val_000000.bin", "val"))]
     (tmp_path / "manifest.json").write_text(json.dumps({"bos_id": 1, "shards": shards}))
     return tmp_path / "manifest.json"
 

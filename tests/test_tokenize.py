@@ -11,8 +11,8 @@ import sentencepiece as spm
 from conftest import default_config, tiny_tokenize_config
 
 from stages import config as caddie
-from stages import corpus, tokenize
-from stages.shards import ShardError, load_tokens, manifest_shards, read_header, read_shard
+from stages import corpus, submission, tokenize
+from stages.shards import ShardError, load_tokens, manifest_shards, read_header, read_shard, write_shard
 
 BOS = 1
 
@@ -402,6 +402,67 @@ def test_a_glob_matching_nothing_raises_naming_the_setting(tmp_path):
         tokenize.run(files_config([tmp_path / "nothing*.txt"]), tmp_path / "out")
 
 
+@pytest.mark.parametrize("content", [b"Caf\xe9 au lait, a document in Latin-1.",
+                                     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"])
+def test_a_txt_file_that_is_not_utf8_raises_naming_the_file(tmp_path, content):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path}: not UTF-8 text"):
+        list(corpus.file_docs([path], "file", "text"))
+
+
+def test_a_binary_txt_file_of_valid_utf8_raises_naming_the_file(tmp_path):
+    path = tmp_path / "zeros.txt"
+    path.write_bytes(b"header" + b"\x00" * 64)
+    with pytest.raises(ValueError, match=f"{path}: .*NUL byte at offset 6"):
+        list(corpus.file_docs([path], "file", "text"))
+
+
+def test_a_jsonl_line_that_is_not_utf8_raises_naming_file_and_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"text": "a fine document"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not UTF-8"):
+        list(corpus.file_docs([path], "file", "text"))
+
+
+@pytest.mark.parametrize("value, kind", [(5, "a number"), (2.5, "a number"), (None, "null"), (True, "a boolean"),
+                                         (["a", "b"], "an array"), ({"t": "x"}, "an object")])
+def test_a_jsonl_text_field_that_is_not_a_string_raises_naming_file_line_and_key(tmp_path, value, kind):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "a fine document"}) + "\n" + json.dumps({"text": value}) + "\n")
+    with pytest.raises(ValueError) as err:
+        list(corpus.file_docs([path], "file", "text"))
+    assert str(err.value).startswith(f"{path}:2: 'text' (tokenize.files.text_field) is {kind}")
+    assert str(err.value).endswith("not a string")
+
+
+@pytest.mark.parametrize("line", ["5", "[1, 2]", '"just a string"'])
+def test_a_jsonl_line_that_is_not_an_object_raises_naming_file_and_line(tmp_path, line):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=f"{path}:1: not a JSON object with a 'text' field "
+                                         r"\(tokenize.files.text_field\)"):
+        list(corpus.file_docs([path], "file", "text"))
+
+
+def test_a_jsonl_number_text_fails_the_run_not_only_the_reader(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", sentences(60))
+    path.write_text(path.read_text() + json.dumps({"text": 12345}) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:61: 'text' .* is a number"):
+        tokenize.run(files_config([path]), tmp_path / "out")
+
+
+@pytest.mark.parametrize("column, kind", [([1, 2, 3], "int"), ([1.5, 2.5, 3.5], "float"),
+                                          ([b"a", b"b", b"c"], "bytes")])
+def test_a_parquet_text_column_that_is_not_strings_raises_naming_file_row_and_key(tmp_path, column, kind):
+    import pandas as pd
+    path = tmp_path / "docs.parquet"
+    pd.DataFrame({"text": column}).to_parquet(path)
+    with pytest.raises(ValueError, match=f"{path}: row 0 of column 'text' \\(tokenize.files.text_field\\) "
+                                         f"is {kind} .*, not a string"):
+        list(corpus.file_docs([path], "file", "text"))
+
+
 # --- source: challenge ----------------------------------------------------------------------------
 
 @pytest.fixture
@@ -423,7 +484,8 @@ def challenge_config(src, raw_val_bytes=None):
 
 def test_challenge_shards_are_imported_byte_identical(challenge_dir, tmp_path, tiny_data):
     out = tmp_path / "out"
-    manifest = tokenize.run(challenge_config(challenge_dir, raw_val_bytes=12345), out)
+    raw_val_bytes = tiny_data["info"]["val_raw_bytes"]
+    manifest = tokenize.run(challenge_config(challenge_dir, raw_val_bytes=raw_val_bytes), out)
     names = sorted(p.name for p in challenge_dir.glob("fineweb_*.bin"))
     assert sorted(s["name"] for s in manifest["shards"]) == names
     assert [(s["name"], s["split"]) for s in manifest["shards"]] == [
@@ -433,7 +495,7 @@ def test_challenge_shards_are_imported_byte_identical(challenge_dir, tmp_path, t
     assert (out / "tokenizer.model").read_bytes() == (challenge_dir / "fineweb_512_bpe.model").read_bytes()
     assert manifest["documents"] == tiny_data["info"]["documents"]
     assert manifest["tokens"] == tiny_data["info"]["tokens"]
-    assert manifest["vocab_size"] == 512 and manifest["val_raw_bytes"] == 12345
+    assert manifest["vocab_size"] == 512 and manifest["val_raw_bytes"] == raw_val_bytes
     assert manifest["tokenizer"]["settings"] == "given"
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in tiny_data["info"]["shards"]]
     assert json.loads((out / "manifest.json").read_text())["shards"] == manifest["shards"]
@@ -481,6 +543,188 @@ def test_challenge_missing_tokenizer_raises_naming_the_setting(challenge_dir, tm
         tokenize.run(challenge_config(challenge_dir), tmp_path / "out")
 
 
+# --- the tokenizer belongs to the shards ----------------------------------------------------------
+
+def test_split_documents_follow_bos_across_shard_boundaries(tmp_path):
+    paths = [tmp_path / "fineweb_train_000000.bin", tmp_path / "fineweb_train_000001.bin",
+             tmp_path / "fineweb_train_000002.bin"]
+    for path, tokens in zip(paths, ([1, 5, 6, 1, 7], [8, 9, 1, 10], [11])):
+        write_shard(path, tokens)
+    assert [d.tolist() for d in tokenize.split_documents(paths)] == [[5, 6], [7, 8, 9], [10, 11]]
+
+
+def test_sample_documents_is_a_fixed_evenly_spaced_choice():
+    docs = [np.array([i]) for i in range(100)]
+    sample = tokenize.sample_documents(iter(docs), total=100, count=8)
+    assert [int(d[0]) for d in sample] == [0, 12, 25, 37, 50, 62, 75, 87]
+    assert [int(d[0]) for d in tokenize.sample_documents(iter(docs[:5]), total=5, count=8)] == [0, 1, 2, 3, 4]
+    assert tokenize.sample_documents(iter([]), total=0, count=8) == []
+
+
+def test_round_trip_skips_documents_holding_unk_and_empty_ones(tiny_sp):
+    good = np.array(tiny_sp.encode("A document that decodes and encodes back."))
+    shuffled = good[::-1].copy()  # decodes to text the tokenizer encodes differently
+    with_unk = np.array([*good, tiny_sp.unk_id()])
+    figures = tokenize.round_trip(tiny_sp, [good, shuffled, with_unk, np.array([], dtype=int)])
+    assert figures == {"documents_sampled": 4, "documents_checked": 2, "round_trip": 0.5}
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_512(python_docs, tmp_path_factory):
+    """A 512-piece tokenizer with the same settings as the tiny one, trained on other documents."""
+    model = tmp_path_factory.mktemp("other") / "other_512.model"
+    tokenize.train_tokenizer(tokenize.clean_documents(python_docs, 40, 0)[700:1400], 512, model)
+    return model
+
+
+def assert_names_both_files(message, shards, model):
+    assert str(shards) in message and str(model) in message, message
+
+
+def test_challenge_tokenizer_of_the_same_vocab_trained_on_other_data_raises_naming_both(
+        challenge_dir, tmp_path, other_tokenizer_512):
+    model = challenge_dir / "fineweb_512_bpe.model"
+    shutil.copyfile(other_tokenizer_512, model)
+    with pytest.raises(ValueError, match="re-encod") as err:
+        tokenize.run(challenge_config(challenge_dir), tmp_path / "out")
+    assert_names_both_files(str(err.value), challenge_dir / "fineweb_val_*.bin", model)
+    assert "of 60 sampled val documents" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["fineweb_1024_bpe.model", "fineweb_8192_bpe.model"])
+def test_challenge_tokenizer_of_another_vocab_size_raises_naming_both(challenge_dir, tmp_path,
+                                                                      fixture_tokenizers, name):
+    model = challenge_dir / "fineweb_512_bpe.model"
+    shutil.copyfile(fixture_tokenizers / name, model)
+    with pytest.raises(ValueError, match="does not belong to the shards") as err:
+        tokenize.run(challenge_config(challenge_dir), tmp_path / "out")
+    assert_names_both_files(str(err.value), challenge_dir / "fineweb_val_*.bin", model)
+
+
+def test_challenge_val_shards_of_another_tokenizer_raise_though_the_train_shards_match(
+        challenge_dir, tmp_path, tiny_split, other_tokenizer_512):
+    other = spm.SentencePieceProcessor(model_file=str(other_tokenizer_512))
+    write_shard(challenge_dir / "fineweb_val_000000.bin",
+                [t for ids in other.encode(tiny_split["val"]) for t in [BOS] + ids])
+    with pytest.raises(ValueError, match="does not belong to the shards") as err:
+        tokenize.run(challenge_config(challenge_dir), tmp_path / "out")
+    assert_names_both_files(str(err.value), challenge_dir / "fineweb_val_*.bin",
+                            challenge_dir / "fineweb_512_bpe.model")
+
+
+def decoded_val_bytes(tiny_data):
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_data["dir"] / "tokenizer.model"))
+    val = load_tokens(manifest_shards(tiny_data["manifest"], "val"))
+    return sum(len(sp.decode(ids).encode("utf-8")) for ids in split_streams(val))
+
+
+def test_challenge_manifest_records_the_tokenizer_check(challenge_dir, tmp_path, tiny_data):
+    raw = tiny_data["info"]["val_raw_bytes"]
+    manifest = tokenize.run(challenge_config(challenge_dir, raw_val_bytes=raw), tmp_path / "out")
+    check = manifest["tokenizer_check"]
+    assert check["val"] == {"documents_sampled": 60, "documents_checked": 60, "round_trip": 1.0}
+    assert check["train"] == {"documents_sampled": 64, "documents_checked": 64, "round_trip": 1.0}
+    assert check["val_decoded_bytes"] == decoded_val_bytes(tiny_data)
+    assert 0.95 < check["val_decoded_bytes"] / raw <= 1  # normalisation only removes bytes
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["tokenizer_check"] == check
+
+
+def test_challenge_without_raw_val_bytes_does_not_decode_the_whole_val_split(challenge_dir, tmp_path):
+    manifest = tokenize.run(challenge_config(challenge_dir), tmp_path / "out")
+    assert "val_decoded_bytes" not in manifest["tokenizer_check"]
+
+
+@pytest.mark.parametrize("ratio", [0.85, 1.05])
+def test_challenge_raw_val_bytes_the_decoded_val_disagrees_with_raises(challenge_dir, tmp_path, tiny_data, ratio):
+    """raw_val_bytes such that the decoded val text is 85% or 105% of it: outside 92%..101%."""
+    raw = round(decoded_val_bytes(tiny_data) / ratio)
+    with pytest.raises(ValueError, match="tokenize.challenge.raw_val_bytes") as err:
+        tokenize.run(challenge_config(challenge_dir, raw_val_bytes=raw), tmp_path / "out")
+    assert_names_both_files(str(err.value), challenge_dir / "fineweb_val_*.bin",
+                            challenge_dir / "fineweb_512_bpe.model")
+    assert f"{raw:,}" in str(err.value) and f"{decoded_val_bytes(tiny_data):,}" in str(err.value)
+
+
+@pytest.mark.parametrize("ratio", [0.93, 1.005])
+def test_challenge_raw_val_bytes_within_what_normalisation_removes_passes(challenge_dir, tmp_path, tiny_data, ratio):
+    raw = round(decoded_val_bytes(tiny_data) / ratio)
+    manifest = tokenize.run(challenge_config(challenge_dir, raw_val_bytes=raw), tmp_path / "out")
+    assert manifest["val_raw_bytes"] == raw
+
+
+def test_manifest_records_the_tokenizer_check_of_a_trained_tokenizer(tiny_data):
+    check = read_manifest(tiny_data)["tokenizer_check"]
+    assert check["val"] == {"documents_sampled": 60, "documents_checked": 60, "round_trip": 1.0}
+    assert check["train"] == {"documents_sampled": 64, "documents_checked": 64, "round_trip": 1.0}
+
+
+def test_a_missing_tokenizer_model_raises_naming_the_setting(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", sentences(60))
+    missing = tmp_path / "no-such.model"
+    with pytest.raises(FileNotFoundError, match=f"tokenize.tokenizer_model: {missing} is not a file"):
+        tokenize.run(files_config([path], tokenizer_model=str(missing)), tmp_path / "out")
+
+
+def test_a_tokenizer_model_that_is_not_sentencepiece_raises_naming_the_setting(tmp_path, challenge_dir):
+    path = write_jsonl(tmp_path / "docs.jsonl", sentences(60))
+    garbage = tmp_path / "garbage.model"
+    garbage.write_text("not a model")
+    with pytest.raises(ValueError, match=f"tokenize.tokenizer_model: {garbage} is not a SentencePiece model"):
+        tokenize.run(files_config([path], tokenizer_model=str(garbage)), tmp_path / "out")
+    (challenge_dir / "fineweb_512_bpe.model").write_text("not a model")
+    with pytest.raises(ValueError, match="tokenize.challenge.tokenizer: .*fineweb_512_bpe.model is not a Sentence"):
+        tokenize.run(challenge_config(challenge_dir), tmp_path / "out2")
+
+
+def test_a_given_tokenizer_model_whose_bos_is_not_the_shards_bos_raises_naming_it(tmp_path):
+    model = tmp_path / "bos2.model"
+    docs = sentences(200)
+    settings = {**tokenize.SP_SETTINGS, "bos_id": 2, "eos_id": 1}
+    with open(model, "wb") as f:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_writer=f, vocab_size=400, minloglevel=2,
+                                       **settings)
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    with pytest.raises(ValueError, match=f"{model}: BOS id 2 is not 1"):
+        tokenize.run(files_config([path], tokenizer_model=str(model)), tmp_path / "out")
+
+
+# --- documents that tokenize identically ----------------------------------------------------------
+
+def test_documents_that_tokenize_alike_are_dropped_from_train_and_repeated_val(tiny_sp):
+    assert tiny_sp.encode("alpha beta\ngamma delta") == tiny_sp.encode("alpha beta gamma delta")  # nmt_nfkc
+    val = ["alpha beta gamma delta", "epsilon zeta", "alpha beta\ngamma delta"]
+    train = ["eta theta iota", "epsilon\nzeta", "kappa lambda", "epsilon  zeta"]
+    kept_val, val_ids, train_ids, dropped = tokenize.encode_without_token_duplicates(tiny_sp, val, train)
+    assert kept_val == ["alpha beta gamma delta", "epsilon zeta"]
+    assert val_ids == tiny_sp.encode(kept_val)
+    assert train_ids == tiny_sp.encode(["eta theta iota", "kappa lambda"])
+    assert dropped == {"val": 1, "train": 2}
+
+
+def test_no_val_document_occurs_token_for_token_in_train_when_texts_differ_in_newlines(tmp_path):
+    docs = sentences(60) + [s.replace(" ", "\n") for s in sentences(60)]
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    manifest = tokenize.run(files_config([path], val_docs=10), tmp_path / "out")
+    overlap = submission.val_overlap(tmp_path / "out" / "manifest.json")
+    dropped = manifest["token_duplicates_dropped"]
+    assert overlap == {"val_docs": manifest["documents"]["val"], "val_docs_in_train": 0}
+    assert dropped["train"] + 2 * dropped["val"] == 10  # each val document's twin is gone from train
+    assert manifest["documents"] == {"val": 10 - dropped["val"], "train": 110 - dropped["train"]}
+    assert len(manifest["val_doc_sha256"]) == manifest["documents"]["val"]
+
+
+def test_the_demo_corpus_has_no_val_document_in_train(tmp_path, python_docs):
+    """The demo's settings (config.yaml): before token-level duplicates were dropped, one val docstring
+    occurred in train with its line breaks moved (mimetypes.guess_extension)."""
+    section = caddie.tokenize_section(default_config()["defaults"]["tokenize"])
+    manifest = tokenize.run(section, tmp_path)
+    assert submission.val_overlap(tmp_path / "manifest.json") == {"val_docs": 400, "val_docs_in_train": 0}
+    dropped = manifest["token_duplicates_dropped"]
+    assert manifest["documents"] == {"val": 400 - dropped["val"],
+                                     "train": len(tokenize.clean_documents(python_docs, 40, 0)) - 400 - dropped["train"]}
+
+
 # --- re-runs --------------------------------------------------------------------------------------
 
 def test_rerun_removes_stale_shards_not_in_the_new_manifest(tmp_path, tiny_data):
@@ -498,3 +742,49 @@ def test_rerun_removes_stale_shards_not_in_the_new_manifest(tmp_path, tiny_data)
     assert json.loads((out / "manifest.json").read_text())["shards"] == second["shards"]
     # the re-cut streams hold the same tokens
     assert second["tokens"] == first["tokens"]
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_rerun_that_fails_after_writing_shards_keeps_the_previous_outputs_byte_identical(
+        tmp_path, tiny_data, monkeypatch):
+    given = str(tiny_data["dir"] / "tokenizer.model")
+    out = tmp_path / "out"
+    tokenize.run(tiny_tokenize_config(max_docs=150, val_docs=10, tokenizer_model=given, shard_tokens=2_000), out)
+    before = snapshot(out)
+    real, written = tokenize.write_shard, []
+
+    def write_then_fail(path, tokens):
+        written.append(path)
+        if len(written) == 3:
+            raise OSError(f"{path}: simulated failure")
+        real(path, tokens)
+
+    monkeypatch.setattr(tokenize, "write_shard", write_then_fail)
+    with pytest.raises(OSError, match="simulated failure"):
+        tokenize.run(tiny_tokenize_config(max_docs=150, val_docs=10, tokenizer_model=given, shard_tokens=1_500), out)
+    assert len(written) == 3
+    assert snapshot(out) == before
+
+
+def test_a_rerun_that_fails_its_tokenizer_check_keeps_the_previous_outputs(challenge_dir, tmp_path,
+                                                                           other_tokenizer_512):
+    out = tmp_path / "out"
+    tokenize.run(challenge_config(challenge_dir), out)
+    before = snapshot(out)
+    shutil.copyfile(other_tokenizer_512, challenge_dir / "fineweb_512_bpe.model")
+    with pytest.raises(ValueError, match="does not belong"):
+        tokenize.run(challenge_config(challenge_dir), out)
+    assert snapshot(out) == before
+
+
+def test_a_run_after_a_killed_one_clears_its_staging_folder(tmp_path, tiny_data):
+    out = tmp_path / "out"
+    (out / ".staging").mkdir(parents=True)
+    (out / ".staging" / "fineweb_train_000007.bin").write_bytes(b"left by a killed run")
+    given = str(tiny_data["dir"] / "tokenizer.model")
+    manifest = tokenize.run(tiny_tokenize_config(max_docs=100, val_docs=5, tokenizer_model=given), out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [s["name"] for s in manifest["shards"]] + ["manifest.json", "summary.json", "tokenizer.model"])

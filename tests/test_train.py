@@ -100,3 +100,110 @@ def test_lr_multiplier_warmdown():
     # 100 ms/step: the warmdown covers the last 1 s of the 10 s cap
     assert train.lr_multiplier(50, 5000, wall) == 1.0
     assert train.lr_multiplier(95, 9500, wall) == pytest.approx(0.5)
+
+
+def test_a_model_that_learned_nothing_is_an_error(tiny_data, tmp_path):
+    """matrix_lr 1e6 leaves the loss at ln(vocab) (or non-finite): no model.pt, whatever the step losses."""
+    with pytest.raises(FloatingPointError, match=r"ln\(vocab\)|non-finite|loss is nan"):
+        train.main(train_args(tiny_data, tmp_path, optimizer={**tiny_train_config()["optimizer"], "matrix_lr": 1e6}))
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_final_loss_near_uniform_fails_naming_ln_vocab(tiny_data, tmp_path, monkeypatch):
+    real_step = train.Trainer.train_step
+
+    def uniform_loss(self, **kw):
+        loss, batch = real_step(self, **kw)
+        return 6.2, batch  # ln(512) = 6.238: within 0.1 nats
+
+    monkeypatch.setattr(train.Trainer, "train_step", uniform_loss)
+    with pytest.raises(FloatingPointError, match=r"final loss 6.2000 nats .* within 0.1 of ln\(vocab\) = 6.2383"):
+        train.main(train_args(tiny_data, tmp_path, iterations=5))
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_non_finite_exported_weight_is_named(tiny_data, tmp_path, monkeypatch):
+    real_final = train.Trainer.final_weights
+
+    def poisoned(self):
+        weights, source = real_final(self)
+        weights = dict(weights)
+        weights["blocks.0.mlp.fc.weight"] = weights["blocks.0.mlp.fc.weight"].clone().fill_(float("inf"))
+        return weights, source
+
+    monkeypatch.setattr(train.Trainer, "final_weights", poisoned)
+    with pytest.raises(FloatingPointError, match=r"blocks.0.mlp.fc.weight has \d+ non-finite values"):
+        train.main(train_args(tiny_data, tmp_path, iterations=5))
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_capped_run_resumes_from_an_unlogged_checkpoint(tiny_data, tmp_path, monkeypatch):
+    """The cap is reached right after a checkpoint at a step that was not logged: the resumed run has no
+    step left to take and must still finish (it raised UnboundLocalError)."""
+    real_cap = train.Trainer.reached_cap
+
+    def killed_at_the_cap(self):
+        if real_cap(self):
+            raise KeyboardInterrupt("killed at the cap")
+        return False
+
+    args = train_args(tiny_data, tmp_path, iterations=10**6, max_seconds=0.5, log_every=10**6, checkpoint_every=1)
+    monkeypatch.setattr(train.Trainer, "reached_cap", killed_at_the_cap)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(train.Trainer, "reached_cap", real_cap)
+    train.main(args)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed"] and summary["stopped_by"] == "wallclock" and summary["steps"] > 1
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == summary["steps"]
+
+
+def test_train_log_keeps_every_attempt_and_marks_the_resume(tiny_data, tmp_path, monkeypatch):
+    real_step = train.Trainer.train_step
+
+    def crash_at_25(self, **kw):
+        if self.step == 25:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, **kw)
+
+    args = train_args(tiny_data, tmp_path, log_every=1, checkpoint_every=10)
+    monkeypatch.setattr(train.Trainer, "train_step", crash_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    train.main(args)
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    steps = [json.loads(line.split("  #")[0])["step"] for line in lines if line.startswith("{")]
+    assert steps[:25] == list(range(1, 26))  # the first attempt, up to the kill
+    assert "# resumed at step 20" in "\n".join(lines)
+    assert set(range(1, 31)) <= set(steps) and steps[-1] == 30
+
+
+def test_trainer_refuses_to_run_beside_a_live_trainer(tiny_data, tmp_path):
+    import socket
+    (tmp_path / "resume").mkdir()
+    lock = tmp_path / "resume" / "train.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # this test process: alive
+    with pytest.raises(RuntimeError, match=rf"another trainer \(pid {os.getpid()} .*is writing these outputs"):
+        train.main(train_args(tiny_data, tmp_path, iterations=5))
+    assert not (tmp_path / "model.pt").exists() and lock.exists()
+
+
+def test_a_stale_lock_is_taken_over(tiny_data, tmp_path):
+    import socket
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "resume" / "train.lock").write_text(f"{socket.gethostname()} {dead.pid}")
+    train.main(train_args(tiny_data, tmp_path, iterations=5))
+    assert (tmp_path / "model.pt").exists() and not (tmp_path / "resume").exists()
+
+
+def test_run_settings_do_not_change_what_is_trained(tiny_data, tmp_path):
+    """log_every and checkpoint_every are run settings (not in the train key): same metrics, same weights."""
+    import hashlib
+    for name, run in (("a", {"log_every": 1, "checkpoint_every": 0}), ("b", {"log_every": 7, "checkpoint_every": 3})):
+        train.main(train_args(tiny_data, tmp_path / name, iterations=10) + ["--run", json.dumps(run)])
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 10
+    digest = [json.loads((tmp_path / n / "summary.json").read_text())["model_sha256"] for n in "ab"]
+    assert digest[0] == digest[1] == hashlib.sha256((tmp_path / "a" / "model.pt").read_bytes()).hexdigest()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from stages import bpb, evaluate, quantize  # noqa: E402
 from stages import config as caddie  # noqa: E402
 from stages.io import write_text  # noqa: E402
-from stages.model import GPT, GPTConfig  # noqa: E402
+from stages.model import GPT, GPTConfig, load_checkpoint  # noqa: E402
 from stages.shards import load_tokens, manifest_shards  # noqa: E402
 
 GPTQ6 = {"method": "gptq", "bits": 6}
@@ -67,9 +67,7 @@ def demo_setup():
     keys = caddie.plan(yaml.safe_load((ROOT / "config.yaml").read_text()))["arms"]["baseline"]
     ckpt_path = ROOT / "artifacts" / "train" / keys["train"] / "seed1337" / "model.pt"
     manifest = ROOT / "artifacts" / "tokenize" / keys["tokenize"] / "manifest.json"
-    ckpt = torch.load(ckpt_path, weights_only=True)
-    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["state_dict"])
+    model = load_checkpoint(ckpt_path)
     cal = yaml.safe_load((ROOT / "config.yaml").read_text())["defaults"]["quantize"]["calibration"]
     sp = spm.SentencePieceProcessor(model_file=str(manifest.parent / "tokenizer.model"))
     val = load_tokens(manifest_shards(manifest, "val"))

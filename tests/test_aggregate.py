@@ -241,3 +241,19 @@ def test_report_html_renders_offline_with_every_figure_and_the_stats_numbers(tmp
     steps = stats["decomposition"]["wide"]["steps"]
     assert (steps[0]["name"], f"{steps[0]['from']} → {steps[0]['to']}", "3",
             f"{steps[0]['mean']:+.5f} ± {steps[0]['std']:.5f}") in {r[:4] for r in rows}
+
+
+def test_a_truncated_eval_json_is_an_error_naming_the_file(tmp_path):
+    runs = build_runs(tmp_path, {("a", "prequant", "standard"): [1.0, 1.1]})
+    path = runs[1]["eval"]
+    text = open(path).read()
+    open(path, "w").write(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=rf"{path}: not valid JSON .* truncated or corrupt"):
+        agg.load_results(runs)
+
+
+def test_the_eval_budget_comes_from_the_run_record_not_the_eval(tmp_path):
+    runs = build_runs(tmp_path, {("a", "prequant", "standard"): [1.0, 1.1]})
+    runs[0]["budget_seconds"] = 1.0
+    df = agg.load_results(runs)
+    assert df["budget_seconds"].tolist()[0] == 1.0 and math.isnan(df["budget_seconds"].tolist()[1])

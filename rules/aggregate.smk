@@ -12,6 +12,7 @@ rule aggregate:
         stats=report(update("reports/stats.json"), category="tables"),
         report=update("reports/report.md"),
         html=report(update("reports/report.html"), category="report"),
+        forest=report(update("reports/figures/forest.png"), category="figures"),
         val_bpb=report(update("reports/figures/val_bpb_by_point.png"), category="figures"),
         waterfall=report(update("reports/figures/waterfall.png"), category="figures"),
         train_loss=report(update("reports/figures/train_loss.png"), category="figures"),
@@ -19,10 +20,12 @@ rule aggregate:
     params:
         runs=json.dumps(RUNS, sort_keys=True),
         report=json.dumps(config["report"], sort_keys=True),
+        # what differs between arms; derived (takes output): a run setting alone (log_every) reruns nothing
+        arms=lambda wc, output: json.dumps({"defaults": config["defaults"], "arms": config["arms"]}, sort_keys=True),
     log:
         "logs/aggregate.log",
     benchmark:
         "benchmarks/aggregate/aggregate.tsv"
     shell:
-        "{PYTHON} -m stages.aggregate --runs {params.runs:q} --report {params.report:q} "
+        "{PYTHON} -m stages.aggregate --runs {params.runs:q} --report {params.report:q} --arms {params.arms:q} "
         "--published {input.published:q} --out-dir reports > {log} 2>&1"

@@ -1,10 +1,16 @@
 """Aggregate stage: per-seed evaluations (and published logs) -> results.csv, stats.json and the reports.
 
-    python -m stages.aggregate --runs RUNS_JSON --report REPORT_JSON [--published LOG ...] --out-dir reports
+    python -m stages.aggregate --runs RUNS_JSON --report REPORT_JSON [--arms ARMS_JSON] [--published LOG ...]
+        --out-dir reports
 
 RUNS_JSON is a list of {arm, seed, point, mode, eval, train_summary, quantize_summary, train_metrics};
-REPORT_JSON is the config's `report` section. Published logs (the challenge's train logs) join the
-results table as arms of their own, named after their record, so one report compares both.
+REPORT_JSON is the config's `report` section; ARMS_JSON is {defaults, arms} of the config (for what
+differs between arms). Published logs (the challenge's train logs) join the results table as arms of
+their own, named after their record, so one report compares both.
+
+Each caddie arm's score is compared with the baseline arm's score (paired by seed when both ran the same
+seeds, Welch otherwise), with the published reference when one is set, and with the frontier row by the
+progression rule when `report.frontier` is set.
 
 Every arm is reduced to its decomposition chain, the (point, mode) pairs it has in the order
 prequant → quant → rescue (at the base mode, standard) and then the other modes at its last point
@@ -19,8 +25,9 @@ import pandas as pd
 
 from stages import records, report
 from stages.io import atomic_path, read_json, write_json
-from stages.stats import (THRESHOLD_NATS, THRESHOLD_P, finite_or_none, one_sample_less, paired_t,
-                          summarize, threshold_bpb, welch_less)
+from stages.config import deep_merge
+from stages.stats import (THRESHOLD_NATS, THRESHOLD_P, compare, finite_or_none, one_sample_less,
+                          one_sample_two_sided, paired_t, progression, summarize, threshold_bpb, verdict_word)
 
 POINTS = ("prequant", "quant", "rescue")
 MODES = ("standard", "sliding", "ttt")
@@ -194,75 +201,259 @@ def step_stats(df, before, after):
 
 
 def scores(df, confidence) -> dict:
-    """[arm]: the summary of the arm's score (its chain's last point/mode) and the 0.005-nat margin
-    in BPB at the arm's own tokens per byte."""
+    """[arm]: the summary of the arm's score (its chain's last point/mode), the 0.005-nat margin in BPB at
+    the arm's own tokens per byte, and the means of what it cost (artifact bytes, train and eval seconds)."""
     out = {}
     for arm, g in df.groupby("arm", sort=False):
         point, mode = chain_of(zip(g["point"], g["mode"]))[-1]
         s = g[(g["point"] == point) & (g["mode"] == mode)]
         out[arm] = {"source": s["source"].iloc[0], "point": point, "mode": mode, **summarize(s["val_bpb"], confidence),
                     "values": {str(k): float(v) for k, v in zip(s["seed"], s["val_bpb"])},
+                    "loss_nats_mean": float(s["loss_nats"].mean()),
                     "threshold_bpb": threshold_bpb(float(s["val_bpb"].mean()), float(s["loss_nats"].mean())),
                     "artifact_bytes_max": None if s["artifact_bytes"].isna().all() else int(s["artifact_bytes"].max()),
+                    "artifact_bytes_mean": _mean_or_none(s["artifact_bytes"]),
+                    "train_seconds_mean": _mean_or_none(s["train_seconds"]),
+                    "eval_seconds_mean": _mean_or_none(s["seconds"]),
                     "eval_seconds_max": finite_or_none(s["seconds"].max())}
     return out
 
 
-def compare_to_baseline(df, baseline):
-    """vs_baseline[arm][point][mode] for every other caddie arm, at the (point, mode)s both have.
-    `meets_threshold` is the challenge's rule: a one-sided Welch test that the arm beats the baseline
-    by at least the 0.005-nat margin (arm + margin < baseline) at p < 0.01."""
-    own = df[df["source"] == "caddie"]
-    if baseline not in set(own["arm"]):
-        raise ValueError(f"baseline arm {baseline!r} not among the runs' arms {sorted(set(own['arm']))}")
-    base = {k: g for k, g in own[own["arm"] == baseline].groupby(["point", "mode"], sort=False)}
+def _mean_or_none(series):
+    v = pd.to_numeric(series, errors="coerce").astype(float).dropna()
+    return float(v.mean()) if len(v) else None
+
+
+def _delta(a, b):
+    return None if a is None or b is None else a - b
+
+
+def nats_per_bpb(score) -> float:
+    """The run's own ratio of nats per token to bits per byte (ln 2 × bytes per token)."""
+    return score["loss_nats_mean"] / score["mean"]
+
+
+def in_nats(comparison, ratio) -> dict:
+    """The BPB difference and its interval converted to nats per token at `ratio`."""
+    return {f"{k}_nats": None if comparison[k] is None else comparison[k] * ratio
+            for k in ("diff", "ci_low", "ci_high")}
+
+
+def compare_to_baseline(score_table, baseline, confidence):
+    """[arm]: every other caddie arm's score against the baseline arm's score, whatever points they are at:
+    paired by seed when both have the same seeds, Welch otherwise (stats.compare), with the differences in
+    nats and in what the arm costs. `meets_margin` is the challenge's rule: the arm beats the baseline by
+    0.005 nats (in bpb at the baseline's tokens per byte) at one-sided p < 0.01."""
+    own = {a: s for a, s in score_table.items() if s["source"] == "caddie"}
+    if baseline not in own:
+        raise ValueError(f"baseline arm {baseline!r} not among the runs' arms {sorted(own)}")
+    base = own[baseline]
     result = {}
-    for (arm, point, mode), g in own[own["arm"] != baseline].groupby(["arm", "point", "mode"], sort=False):
-        if (point, mode) not in base:
+    for arm, s in own.items():
+        if arm == baseline:
             continue
-        b = base[(point, mode)]
-        arm_v, base_v = g["val_bpb"].to_numpy(float), b["val_bpb"].to_numpy(float)
-        thr = threshold_bpb(float(b["val_bpb"].mean()), float(b["loss_nats"].mean()))
-        t, p = welch_less(arm_v, base_v)
-        t_margin, p_margin = welch_less(arm_v + thr, base_v)
-        result.setdefault(arm, {}).setdefault(point, {})[mode] = {
-            "arm_mean": float(arm_v.mean()), "baseline_mean": float(base_v.mean()),
-            "diff": float(arm_v.mean() - base_v.mean()), "t": t, "p_less": p, "n_arm": len(g),
-            "n_baseline": len(b), "threshold_bpb": thr, "t_margin": t_margin, "p_margin": p_margin,
-            "meets_threshold": p_margin is not None and p_margin < THRESHOLD_P}
+        c = compare(s["values"], base["values"], confidence, base["threshold_bpb"])
+        result[arm] = {"arm_score": f"{s['point']}/{s['mode']}", "baseline_score": f"{base['point']}/{base['mode']}",
+                       "arm_mean": s["mean"], "baseline_mean": base["mean"], **c, **in_nats(c, nats_per_bpb(base)),
+                       "delta_artifact_bytes": _delta(s["artifact_bytes_mean"], base["artifact_bytes_mean"]),
+                       "delta_train_seconds": _delta(s["train_seconds_mean"], base["train_seconds_mean"]),
+                       "delta_eval_seconds": _delta(s["eval_seconds_mean"], base["eval_seconds_mean"])}
     return result
 
 
-def compare_to_reference(score_table, reference):
-    """[arm]: one-sided one-sample t-test of the arm's score against (published value − margin), as the
-    records report significance (df = n − 1), with the challenge's verdict."""
+def compare_to_reference(score_table, reference, confidence):
+    """[arm]: the arm's score against a published value: the difference with its t-interval (df = n − 1),
+    the two-sided one-sample t-test for the verdict, and the challenge's rule as the records report it:
+    a one-sided one-sample t-test against (published value − margin) at p < 0.01."""
     out = {}
     for arm, s in score_table.items():
+        values = list(s["values"].values())
         target = reference["val_bpb"] - s["threshold_bpb"]
-        t, p = one_sample_less(list(s["values"].values()), target)
-        out[arm] = {"reference": reference["name"], "reference_bpb": reference["val_bpb"],
-                    "target_bpb": target, "mean": s["mean"], "diff": s["mean"] - reference["val_bpb"],
-                    "t": t, "df": s["n"] - 1, "p_less": p,
-                    "meets_threshold": p is not None and p < THRESHOLD_P}
+        t, p = one_sample_less(values, target)
+        two = one_sample_two_sided(values, reference["val_bpb"])
+        diff = s["mean"] - reference["val_bpb"]
+        c = {"diff": diff, "ci_low": _delta(s["ci_low"], reference["val_bpb"]),
+             "ci_high": _delta(s["ci_high"], reference["val_bpb"])}
+        out[arm] = {"reference": reference["name"], "reference_bpb": reference["val_bpb"], "test": "one-sample t",
+                    "target_bpb": target, "mean": s["mean"], **c, **in_nats(c, nats_per_bpb(s)),
+                    "p_two_sided": two, "verdict": verdict_word(diff, two, confidence),
+                    "t": t, "df": s["n"] - 1, "p_less": p, "margin_bpb": s["threshold_bpb"],
+                    "meets_margin": p is not None and p < THRESHOLD_P}
+    return out
+
+
+def frontier_values(frontier, score_table) -> list[float]:
+    """The frontier row's per-seed values: given in the config, or the score of a published record."""
+    if frontier.get("val_bpb"):
+        return [float(v) for v in frontier["val_bpb"]]
+    s = score_table.get(frontier["name"])
+    if s is None or s["source"] != "published":
+        published = sorted(a for a, x in score_table.items() if x["source"] == "published")
+        raise ValueError(f"report.frontier: {frontier['name']!r} has no val_bpb list and is not a published "
+                         f"record among report.published_logs ({', '.join(published) or 'none'})")
+    return list(s["values"].values())
+
+
+def compare_to_frontier(score_table, frontier) -> dict:
+    """The progression rule for every arm (the frontier record itself excepted): a one-sided Welch test of
+    its per-seed scores (plus margin_nats in bpb at its own tokens per byte) against the frontier row's."""
+    values = frontier_values(frontier, score_table)
+    alpha, margin_nats = float(frontier.get("alpha", 0.25)), float(frontier.get("margin_nats", 0.0))
+    arms = {}
+    for arm, s in score_table.items():
+        if arm == frontier["name"]:
+            continue
+        margin = threshold_bpb(s["mean"], s["loss_nats_mean"], margin_nats) if margin_nats else 0.0
+        arms[arm] = {"mean": s["mean"], "frontier_mean": float(np.mean(values)),
+                     "diff": s["mean"] - float(np.mean(values)),
+                     **progression(list(s["values"].values()), values, alpha, margin)}
+    return {"frontier": {"name": frontier["name"], "values": values, "alpha": alpha, "margin_nats": margin_nats},
+            "arms": arms}
+
+
+def flatten(tree, prefix="") -> dict:
+    """{dotted.key: leaf} of a nested config; lists are leaves."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def differing(a: dict, b: dict, other: str) -> dict:
+    """{key: {value, <other>}} of the dotted keys where flat config `a` differs from `b`."""
+    return {k: {"value": a.get(k), other: b.get(k)} for k in list(a) + [k for k in b if k not in a]
+            if a.get(k) != b.get(k)}
+
+
+def config_differences(defaults, arms, baseline) -> dict:
+    """[arm]: the config keys (dotted paths) where the arm's resolved config differs from the defaults
+    and from the baseline arm's."""
+    flat_defaults = flatten(defaults)
+    resolved = {arm: flatten(deep_merge(defaults, override)) for arm, override in arms.items()}
+    base = resolved.get(baseline, flat_defaults)
+    return {arm: {"vs_defaults": differing(flat, flat_defaults, "default"),
+                  "vs_baseline": {} if arm == baseline else differing(flat, base, "baseline")}
+            for arm, flat in resolved.items()}
+
+
+def _first_per_arm_seed(runs, point=None):
+    """{(arm, seed): the first run record of that arm and seed (at `point` if given)}."""
+    out = {}
+    for rec in runs:
+        if point is None or rec["point"] == point:
+            out.setdefault((str(rec["arm"]), int(rec["seed"])), rec)
+    return out
+
+
+def group_bytes(tensors) -> dict:
+    """{group: {tensors, numel, stored_bytes}} of a quantize summary's per-tensor reports; stored bytes
+    are before compression."""
+    out = {}
+    for t in tensors:
+        g = out.setdefault(t.get("group", "other"), {"tensors": 0, "numel": 0, "stored_bytes": 0})
+        g["tensors"] += 1
+        g["numel"] += int(t.get("numel", 0))
+        g["stored_bytes"] += int(t.get("stored_bytes", 0))
+    return out
+
+
+def artifact_budgets(runs, score_table, largest=5) -> dict:
+    """[arm]: where the bytes of the arm's scored artifact go, from its quantize (and rescue) summaries:
+    compressed model bytes, code bytes, what a rescue added, headroom under the cap, stored bytes by
+    tensor group and the largest tensors (both from the quantize summary, before compression)."""
+    out = {}
+    for arm, s in score_table.items():
+        if s["source"] != "caddie" or s["point"] == "prequant":
+            continue
+        scored = {k: r for k, r in _first_per_arm_seed(runs, s["point"]).items() if k[0] == arm}
+        quant = {k: r for k, r in _first_per_arm_seed(runs, "quant").items() if k[0] == arm}
+        seeds = []
+        for key, rec in sorted(scored.items()):
+            summary = read_json(rec["quantize_summary"])
+            qrec = quant.get(key)
+            qsum = read_json(qrec["quantize_summary"]) if qrec and qrec.get("quantize_summary") else summary
+            seeds.append((summary, qsum))
+        if not seeds:
+            continue
+        summaries = [a for a, _ in seeds]
+        tensors = seeds[0][1].get("tensors") or []
+
+        def mean_of(key, rows=summaries):
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            return float(np.mean(vals)) if vals else None
+        groups = [group_bytes(q.get("tensors") or []) for _, q in seeds]
+        names = sorted({g for gs in groups for g in gs})
+        out[arm] = {"point": s["point"], "n": len(seeds), "model_bytes": mean_of("model_bytes"),
+                    "code_bytes": mean_of("code_bytes"), "rescue_bytes": mean_of("lora_bytes"),
+                    "total_bytes_max": max(r["total_bytes"] for r in summaries),
+                    "cap_bytes": summaries[0].get("cap_bytes"),
+                    "headroom_bytes_min": min((r["headroom_bytes"] for r in summaries
+                                               if r.get("headroom_bytes") is not None), default=None),
+                    "groups": {g: {k: float(np.mean([gs[g][k] for gs in groups if g in gs]))
+                                   for k in ("tensors", "numel", "stored_bytes")} for g in names},
+                    "largest_tensors": [{k: t.get(k) for k in ("name", "group", "kind", "bits", "numel",
+                                                              "stored_bytes")}
+                                        for t in sorted(tensors, key=lambda t: -t.get("stored_bytes", 0))[:largest]]}
+    return out
+
+
+def training_throughput(runs) -> list[dict]:
+    """One row per distinct training run and seed (arms that share one are listed together): steps,
+    tokens/s, ms/step, train seconds against train.max_seconds."""
+    rows = {}
+    for (arm, seed), rec in _first_per_arm_seed(runs).items():
+        tr = read_json(rec["train_summary"])
+        key = (tr.get("model_sha256") or rec["train_summary"], seed)
+        if key in rows:
+            rows[key]["arms"].append(arm)
+            continue
+        budget = ((tr.get("config") or {}).get("train") or {}).get("max_seconds") or None
+        steps, seconds = tr["steps"], tr["train_seconds"]
+        rows[key] = {"arms": [arm], "seed": seed, "steps": steps, "tokens_per_second": tr.get("tokens_per_second"),
+                     "ms_per_step": 1000 * seconds / steps if steps else None, "train_seconds": seconds,
+                     "budget_seconds": budget, "within_budget": None if budget is None else seconds <= budget}
+    return list(rows.values())
+
+
+def eval_seconds(df, score_table) -> dict:
+    """[arm][seed][mode]: eval seconds at the arm's scored point, with the eval budget."""
+    out = {}
+    for arm, s in score_table.items():
+        g = df[(df["arm"] == arm) & (df["point"] == s["point"])]
+        for seed, rows in g.groupby("seed", sort=False):
+            out.setdefault(arm, {})[str(seed)] = {m: finite_or_none(v) for m, v in zip(rows["mode"], rows["seconds"])}
     return out
 
 
 def verdicts(stats) -> list[str]:
-    """One line per arm: the challenge's acceptance rule against the reference (or the baseline)."""
+    """One line per arm and comparison: against the reference, the baseline arm and the frontier row."""
     lines = []
     rule = f"≥ {THRESHOLD_NATS} nats at p < {THRESHOLD_P}"
     for arm, s in stats["scores"].items():
-        where = f"{s['point']}/{s['mode']}"
+        where = f"{s['point']}/{s['mode']}, {s['mean']:.5f}, n={s['n']}"
         if (r := stats["vs_reference"].get(arm)) is not None:
             p = "–" if r["p_less"] is None else f"{r['p_less']:.3g}"
-            word = "BEATS" if r["meets_threshold"] else "does not beat"
-            lines.append(f"{arm} ({where}, {s['mean']:.5f}, n={s['n']}) {word} {r['reference']} "
+            word = "BEATS" if r["meets_margin"] else "does not beat"
+            lines.append(f"{arm} ({where}) {word} {r['reference']} "
                          f"({r['reference_bpb']:.5f}) by {rule}: one-sample t vs {r['target_bpb']:.5f}, p = {p}")
-        if (c := stats["vs_baseline"].get(arm, {}).get(s["point"], {}).get(s["mode"])) is not None:
-            p = "–" if c["p_margin"] is None else f"{c['p_margin']:.3g}"
-            word = "BEATS" if c["meets_threshold"] else "does not beat"
-            lines.append(f"{arm} ({where}, {s['mean']:.5f}, n={s['n']}) {word} the baseline arm "
-                         f"{stats['baseline_arm']} ({c['baseline_mean']:.5f}) by {rule}: Welch p = {p}")
+        if (c := stats["vs_baseline"].get(arm)) is not None:
+            word = {"better": "is better than", "worse": "is worse than", "no difference": "is no different from",
+                    "untested": "cannot be tested against"}[c["verdict"]]
+            p = "–" if c["p_two_sided"] is None else f"{c['p_two_sided']:.3g}"
+            margin = "met" if c["meets_margin"] else "not met"
+            lines.append(f"{arm} ({where}) {word} the baseline arm {stats['baseline_arm']} "
+                         f"({c['baseline_score']}, {c['baseline_mean']:.5f}) at {stats['confidence']:.0%}: "
+                         f"Δ {c['diff']:+.5f} bpb, {c['test']} p = {p}; margin {rule}: {margin}")
+        if (g := (stats["progression"] or {}).get("arms", {}).get(arm)) is not None:
+            f = stats["progression"]["frontier"]
+            p = "–" if g["p_less"] is None else f"{g['p_less']:.3g}"
+            word = "progresses past" if g["progresses"] else "does not progress past"
+            lines.append(f"{arm} ({where}) {word} the frontier row {f['name']} ({g['frontier_mean']:.5f}): "
+                         f"one-sided Welch p = {p}, threshold p < {f['alpha']:g}")
     return lines
 
 
@@ -279,21 +470,29 @@ def json_safe(obj):
     return obj
 
 
-def build_stats(df, baseline, confidence, reference=None):
+def build_stats(df, baseline, confidence, reference=None, frontier=None, runs=(), arms_config=None):
+    """Everything the reports show. `runs` (the run records) give the artifact budgets and training
+    throughput; `arms_config` ({defaults, arms}) gives what differs between arms."""
     score_table = scores(df, confidence)
     stats = json_safe({
         "baseline_arm": baseline, "confidence": confidence, "reference": reference,
         "threshold": {"nats": THRESHOLD_NATS, "p": THRESHOLD_P},
         "groups": group_stats(df, confidence), "quant_gap": step_stats(df, "prequant", "quant"),
         "rescue_gain": step_stats(df, "quant", "rescue"), "decomposition": decomposition(df),
-        "scores": score_table, "vs_baseline": compare_to_baseline(df, baseline),
-        "vs_reference": compare_to_reference(score_table, reference) if reference else {},
+        "scores": score_table, "vs_baseline": compare_to_baseline(score_table, baseline, confidence),
+        "vs_reference": compare_to_reference(score_table, reference, confidence) if reference else {},
+        "progression": compare_to_frontier(score_table, frontier) if frontier else None,
+        "config_differences": config_differences(arms_config["defaults"], arms_config["arms"], baseline)
+        if arms_config else {},
+        "artifact_budgets": artifact_budgets(runs, score_table) if runs else {},
+        "training_throughput": training_throughput(runs) if runs else [],
+        "eval_seconds": eval_seconds(df, score_table),
         "sources": {arm: s["source"] for arm, s in score_table.items()}})
     stats["verdicts"] = verdicts(stats)
     return stats
 
 
-def check_report_config(cfg: dict) -> tuple[str, float, dict | None]:
+def check_report_config(cfg: dict) -> tuple[str, float, dict | None, dict | None]:
     baseline = cfg.get("baseline_arm", "baseline")
     confidence = float(cfg.get("confidence", 0.95))
     if not 0 < confidence < 1:
@@ -301,26 +500,33 @@ def check_report_config(cfg: dict) -> tuple[str, float, dict | None]:
     reference = cfg.get("reference")
     if reference is not None:
         _require(reference, ("name", "val_bpb"), "report.reference")
-    return baseline, confidence, reference
+    frontier = cfg.get("frontier")
+    if frontier is not None:
+        _require(frontier, ("name",), "report.frontier")
+        if not 0 < float(frontier.get("alpha", 0.25)) < 1:
+            raise ValueError(f"report.frontier.alpha: must be in (0, 1), got {frontier['alpha']}")
+    return baseline, confidence, reference, frontier
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m stages.aggregate", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True, help="JSON list of run records")
     ap.add_argument("--report", default="{}", help="JSON: the config's report section")
+    ap.add_argument("--arms", default=None, help="JSON: {defaults, arms} of the config, for what differs")
     ap.add_argument("--published", nargs="*", default=[], type=Path, help="published train logs")
     ap.add_argument("--out-dir", default="reports", type=Path)
     args = ap.parse_args(argv)
     try:
         runs, report_cfg = json.loads(args.runs), json.loads(args.report)
+        arms_config = json.loads(args.arms) if args.arms else None
     except json.JSONDecodeError as e:
-        raise ValueError(f"--runs/--report: invalid JSON ({e})") from e
+        raise ValueError(f"--runs/--report/--arms: invalid JSON ({e})") from e
     if not isinstance(runs, list) or not runs:
         raise ValueError("--runs: expected a non-empty JSON list of run records")
-    baseline, confidence, reference = check_report_config(report_cfg)
+    baseline, confidence, reference, frontier = check_report_config(report_cfg)
 
     df = load_results(runs, args.published)
-    stats = build_stats(df, baseline, confidence, reference)
+    stats = build_stats(df, baseline, confidence, reference, frontier, runs, arms_config)
     out = args.out_dir
     with atomic_path(out / "results.csv") as tmp:
         df.to_csv(tmp, index=False)

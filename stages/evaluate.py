@@ -37,6 +37,10 @@ from stages.model import BOS_ID, GPT, cast_to_training_dtypes, load_checkpoint
 from stages.shards import load_tokens, manifest_shards
 
 
+PROGRESS_BATCHES = 64  # batches of windows between two progress checks in the modes that do not adapt
+PROGRESS_SECONDS = 10.0
+
+
 def scoring_windows(num_tokens: int, seq_len: int, stride: int):
     """Windows (start, end, first): inputs tokens[start:end] predict targets tokens[start+1:end+1],
     of which those at positions >= first are scored. Targets 1..num_tokens-1 are each scored once."""
@@ -238,6 +242,22 @@ def record_losses(losses: np.ndarray, positions: torch.Tensor, scored: torch.Ten
     losses[positions] = scored
 
 
+class Progress:
+    """Prints `label: done/total chunks, elapsed, eta` to the stage log, at most every PROGRESS_SECONDS."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.every = label, total, PROGRESS_SECONDS
+        self.start = self.last = time.time()
+
+    def update(self, done: int):
+        now = time.time()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last, elapsed = now, now - self.start
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        print(f"{self.label}: {done}/{self.total} chunks, {elapsed:.0f} s elapsed, eta {eta:.0f} s", flush=True)
+
+
 def lora_ttt_losses(model, tokens: np.ndarray, cfg: dict, device) -> np.ndarray:
     """Loss (nats) of every target 1..n-1 under per-document LoRA TTT; `batch_docs` consecutive documents
     run together, and the OGD bias learns from a batch only after all of it is scored, so a target's
@@ -251,13 +271,16 @@ def lora_ttt_losses(model, tokens: np.ndarray, cfg: dict, device) -> np.ndarray:
     bias = torch.zeros(model.config.vocab_size, device=device) if ogd["enabled"] else None
     losses = np.full(len(tokens), np.nan)
     adapters = DocumentLoRA(model, lora["targets"], lora["rank"], device)
+    batches = range(0, len(documents), lora["batch_docs"])
+    progress = Progress("evaluate ttt (lora, document batches)", len(batches))
     try:
-        for i in range(0, len(documents), lora["batch_docs"]):
+        for done, i in enumerate(batches, 1):
             positions, batch_losses, grad = lora_ttt_batch(model, stream, documents[i:i + lora["batch_docs"]],
                                                            adapters, lora, device, bias)
             record_losses(losses, positions, batch_losses)
             if bias is not None:
                 bias -= ogd["lr"] * grad
+            progress.update(done)
     finally:
         adapters.remove()
     return losses
@@ -273,7 +296,12 @@ def token_losses(model, tokens: np.ndarray, mode: str, cfg: dict, device) -> np.
     windows = scoring_windows(len(tokens), cfg["seq_len"], stride)
     ogd, ttt = cfg["ogd"], cfg.get("ttt")  # the plan passes ttt settings only where they are used
     adapts = mode == "ttt" or ogd["enabled"]
-    groups = chunks_of(windows, ttt["chunk_tokens"]) if adapts else [windows]
+    if adapts:
+        groups = chunks_of(windows, ttt["chunk_tokens"])
+    else:  # independent windows: groups of whole batches only pace the progress lines
+        size = cfg["batch_seqs"] * PROGRESS_BATCHES
+        groups = [windows[i:i + size] for i in range(0, len(windows), size)]
+    progress = Progress(f"evaluate {mode}", len(groups))
     if mode == "ttt":
         model = copy.deepcopy(model).float().train()
         optimizer = torch.optim.SGD(model.parameters(), lr=ttt["lr"], momentum=ttt["momentum"])
@@ -288,6 +316,7 @@ def token_losses(model, tokens: np.ndarray, mode: str, cfg: dict, device) -> np.
         if mode == "ttt" and k < len(groups) - 1:
             lr = ttt["lr"] * 0.5 * (1 + math.cos(math.pi * k / max(len(groups) - 1, 1)))
             train_on_scored(model, stream, max(group[0][2] - 1, 0), int(positions.max()), cfg, lr, device, optimizer)
+        progress.update(k + 1)
     return losses
 
 

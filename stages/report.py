@@ -2,6 +2,7 @@
 as report.html (one self-contained page, figures embedded, no network), plus the figures as PNGs."""
 import base64
 import html
+import json
 from pathlib import Path
 
 import matplotlib
@@ -14,9 +15,12 @@ from stages.io import atomic_path, write_text  # noqa: E402
 
 POINTS = ("prequant", "quant", "rescue")
 MODES = ("standard", "sliding", "ttt")
-FIGURES = {"val_bpb_by_point": "figures/val_bpb_by_point.png", "waterfall": "figures/waterfall.png",
-           "train_loss": "figures/train_loss.png", "eval_seconds": "figures/eval_seconds.png"}
-CAPTIONS = {"val_bpb_by_point": "val_bpb per seed at each point, one panel per eval mode (caddie's arms)",
+FIGURES = {"forest": "figures/forest.png", "val_bpb_by_point": "figures/val_bpb_by_point.png",
+           "waterfall": "figures/waterfall.png", "train_loss": "figures/train_loss.png",
+           "eval_seconds": "figures/eval_seconds.png"}
+CAPTIONS = {"forest": "Forest plot: each arm's score minus the baseline arm's score (bpb) with its interval; "
+                      "the zero line and the 0.005-nat margin (left of it: beats the baseline by the margin)",
+            "val_bpb_by_point": "val_bpb per seed at each point, one panel per eval mode (caddie's arms)",
             "waterfall": "Damage-gap waterfall: mean change at each step of the decomposition; "
                          "thin lines are the seeds",
             "train_loss": "Training loss against step and against training time, per arm and seed",
@@ -46,6 +50,145 @@ def _leaves(tree, depth):
 
 def section(title, header=None, rows=None, text=(), level=2):
     return {"title": title, "level": level, "text": list(text), "header": header, "rows": rows}
+
+
+def _signed_ci(c, suffix="", spec="+.5f"):
+    """'Δ [low, high]' of a comparison's difference (suffix '_nats' for nats)."""
+    d, lo, hi = c[f"diff{suffix}"], c[f"ci_low{suffix}"], c[f"ci_high{suffix}"]
+    return _f(d, spec) + ("" if lo is None else f" [{lo:{spec}}, {hi:{spec}}]")
+
+
+def _score_cell(s):
+    return f"{_pm(s, '.5f')} (n={s['n']})"
+
+
+def _yes_no(x):
+    return "yes" if x else "no"
+
+
+def headline_order(stats) -> list[str]:
+    """The baseline arm, then the other caddie arms, then the published records."""
+    arms = list(stats["scores"])
+    own = [a for a in arms if stats["scores"][a]["source"] == "caddie" and a != stats["baseline_arm"]]
+    return [stats["baseline_arm"], *own, *(a for a in arms if a not in own and a != stats["baseline_arm"])]
+
+
+def headline_section(stats):
+    """The table a researcher reads first: each arm's score against the baseline arm's score."""
+    conf = f"{stats['confidence']:.0%}"
+    prog = (stats.get("progression") or {}).get("arms", {})
+    rows = []
+    for arm in headline_order(stats):
+        s, c = stats["scores"][arm], stats["vs_baseline"].get(arm)
+        g = prog.get(arm)
+        progression = [] if not stats.get("progression") else \
+            ["–" if g is None else f"{'yes' if g['progresses'] else 'no'} (p = {_p(g['p_less'])})"]
+        if c is None:
+            verdict = "baseline" if arm == stats["baseline_arm"] else f"{s['source']}: not compared"
+            rows.append((arm, f"{s['point']}/{s['mode']}", _score_cell(s), *["–"] * 7, verdict, "–", *progression))
+            continue
+        rows.append((arm, f"{s['point']}/{s['mode']}", _score_cell(s), _signed_ci(c), _signed_ci(c, "_nats"),
+                     c["test"], _p(c["p_two_sided"]), _f(c["delta_artifact_bytes"], "+,.0f"),
+                     _f(c["delta_train_seconds"], "+.1f"), _f(c["delta_eval_seconds"], "+.1f"), c["verdict"],
+                     f"{_yes_no(c['meets_margin'])} (p = {_p(c['p_margin'])})", *progression))
+    header = ["arm", "score at", "val_bpb mean ± std", f"Δ bpb [{conf} CI]", f"Δ nats [{conf} CI]", "test", "p",
+              "Δ artifact bytes", "Δ train s", "Δ eval s", "verdict", "0.005-nat margin"]
+    if stats.get("progression"):
+        f = stats["progression"]["frontier"]
+        header.append(f"progresses past {f['name']} (p < {f['alpha']:g})")
+    return section(f"Headline: each arm against the baseline arm `{stats['baseline_arm']}`", header, rows, text=[
+        f"Each arm's score (its last point and mode) minus the baseline arm's score; paired t-test by seed when "
+        f"both arms ran the same seeds, Welch otherwise (p two-sided). The verdict is better/worse when p < "
+        f"{1 - stats['confidence']:.2g}; the margin is the challenge's rule: better by 0.005 nats (in bpb at the "
+        f"baseline's tokens per byte) at one-sided p < 0.01. Δ nats is Δ bpb at the baseline's nats per bpb; "
+        f"the Δ bytes and seconds are differences of means over seeds."])
+
+
+def reference_headline_section(stats):
+    ref, conf = stats["reference"], f"{stats['confidence']:.0%}"
+    rows = [(a, _score_cell(stats["scores"][a]), _signed_ci(r), _signed_ci(r, "_nats"), r["test"],
+             _p(r["p_two_sided"]), r["verdict"], f"{_yes_no(r['meets_margin'])} (p = {_p(r['p_less'])})")
+            for a, r in stats["vs_reference"].items()]
+    return section(f"Against the published reference {ref['name']} ({ref['val_bpb']:.5f})",
+                   ["arm", "val_bpb mean ± std", f"Δ bpb [{conf} CI]", f"Δ nats [{conf} CI]", "test", "p",
+                    "verdict", "0.005-nat margin"], rows,
+                   text=["One-sample t-tests of each arm's per-seed scores against the published value (df = n − 1); "
+                         "the margin test is against the published value minus 0.005 nats in bpb at the arm's "
+                         "tokens per byte, one-sided at p < 0.01, as the records report it."])
+
+
+def progression_section(stats):
+    prog = stats["progression"]
+    f = prog["frontier"]
+    rows = [(a, f"{g['mean']:.5f}", f"{g['frontier_mean']:.5f}", f"{g['diff']:+.5f}", _f(g["t"], ".2f"),
+             _f(g["df"], ".2f"), _p(g["p_less"]), "yes" if g["progresses"] else "no") for a, g in prog["arms"].items()]
+    margin = f" plus {f['margin_nats']:g} nats" if f["margin_nats"] else ""
+    return section(f"Progression rule against the frontier row {f['name']}",
+                   ["arm", "mean", "frontier mean", "diff", "t", "Welch df", "p (arm < frontier)", "progresses"], rows,
+                   text=[f"One-sided Welch test of each arm's per-seed scores{margin} against the frontier row's "
+                         f"{len(f['values'])} per-seed values ({', '.join(f'{v:.5f}' for v in f['values'])}); "
+                         f"an arm progresses at p < {f['alpha']:g}."])
+
+
+def _value(v):
+    return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+
+
+def differences_section(stats):
+    rows = []
+    for arm, d in stats["config_differences"].items():
+        keys = list(d["vs_defaults"]) + [k for k in d["vs_baseline"] if k not in d["vs_defaults"]]
+        for key in keys:
+            entry = d["vs_defaults"].get(key) or d["vs_baseline"][key]
+            base = d["vs_baseline"].get(key)
+            default = d["vs_defaults"][key]["default"] if key in d["vs_defaults"] else entry["value"]
+            rows.append((arm, key, _value(entry["value"]), _value(default),
+                         "same" if base is None else _value(base["baseline"])))
+    return section("What differs between arms", ["arm", "key", "value", "default", "baseline arm's"], rows,
+                   text=["Config keys (dotted paths) where an arm's resolved config differs from the defaults or from "
+                         "the baseline arm's; an arm absent here runs the defaults."])
+
+
+def budget_sections(stats):
+    budgets = stats["artifact_budgets"]
+    rows = [(a, b["point"], b["n"], _f(b["model_bytes"], ",.0f"), _f(b["code_bytes"], ",.0f"),
+             _f(b["rescue_bytes"], ",.0f"), _f(b["total_bytes_max"], ",d"), _f(b["cap_bytes"], ",d"),
+             _f(b["headroom_bytes_min"], ",d")) for a, b in budgets.items()]
+    out = [section("Where the bytes go", ["arm", "point", "n", "model bytes (mean)", "code bytes", "rescue bytes",
+                                          "total bytes (max)", "cap", "headroom (min)"], rows,
+                   text=["Compressed model bytes and counted code bytes of each arm's scored artifact, from its "
+                         "quantize (and rescue) summaries; the group and tensor tables give stored bytes before "
+                         "compression."])]
+    groups = []
+    for a, b in budgets.items():
+        total = sum(g["stored_bytes"] for g in b["groups"].values()) or None
+        groups += [(a, name, _f(g["tensors"], ".0f"), _f(g["numel"], ",.0f"), _f(g["stored_bytes"], ",.0f"),
+                    "–" if not total else f"{g['stored_bytes'] / total:.1%}") for name, g in b["groups"].items()]
+    if groups:
+        out.append(section("Stored bytes by tensor group", ["arm", "group", "tensors", "params", "stored bytes",
+                                                            "share"], groups, level=3))
+    largest = [(a, t["name"], t["group"], t["kind"], _f(t["bits"], "g"), _f(t["numel"], ",d"),
+                _f(t["stored_bytes"], ",d")) for a, b in budgets.items() for t in b["largest_tensors"]]
+    if largest:
+        out.append(section("Largest tensors", ["arm", "tensor", "group", "kind", "bits", "params", "stored bytes"],
+                           largest, level=3))
+    return out
+
+
+def throughput_sections(stats):
+    train = [(", ".join(r["arms"]), r["seed"], _f(r["steps"], "d"), _f(r["tokens_per_second"], ",.0f"),
+              _f(r["ms_per_step"], ".1f"), _f(r["train_seconds"], ".1f"), _f(r["budget_seconds"], "g"),
+              "–" if r["within_budget"] is None else _yes_no(r["within_budget"]))
+             for r in stats["training_throughput"]]
+    modes = [m for m in MODES if any(m in by_mode for seeds in stats["eval_seconds"].values()
+                                     for by_mode in seeds.values())]
+    evals = [(a, seed, *(_f(by_mode.get(m), ".1f") for m in modes))
+             for a, seeds in stats["eval_seconds"].items() for seed, by_mode in seeds.items()]
+    return [section("Throughput: training", ["arms", "seed", "steps", "tokens/s", "ms/step", "train s", "budget s",
+                                             "within budget"], train,
+                    text=["One row per training run and seed; arms that share a training run are listed together."]),
+            section("Throughput: eval seconds at the scored point", ["arm", "seed", *(f"{m} s" for m in modes)],
+                    evals, level=3)]
 
 
 def verdict_section(stats):
@@ -104,28 +247,28 @@ def step_sections(stats):
 
 
 def versus_sections(stats):
-    versus = [(a, p, m, f"{c['n_arm']}/{c['n_baseline']}", f"{c['diff']:+.5f}", _f(c["t"], ".2f"), _p(c["p_less"]),
-               f"{c['threshold_bpb']:.5f}", _p(c["p_margin"]), "yes" if c["meets_threshold"] else "no")
-              for a, p, m, c in _leaves(stats["vs_baseline"], 3)]
-    out = [section(f"Versus the baseline arm `{stats['baseline_arm']}`",
-                   ["arm", "point", "mode", "n (arm/base)", "diff", "t", "p (arm < base)", "margin (bpb)",
-                    "p (arm + margin < base)", "meets"], versus,
-                   text=["One-sided Welch tests; `meets` is the challenge's rule: the gain exceeds 0.005 nats "
-                         "(in bpb at the baseline's tokens per byte) at p < 0.01."])]
-    if stats["vs_reference"]:
-        ref = stats["reference"]
-        rows = [(a, f"{r['mean']:.5f}", f"{r['diff']:+.5f}", f"{r['target_bpb']:.5f}", _f(r["t"], ".2f"),
-                 _f(r["df"], "d"), _p(r["p_less"]), "yes" if r["meets_threshold"] else "no")
-                for a, r in stats["vs_reference"].items()]
-        out.append(section(f"Versus {ref['name']} ({ref['val_bpb']:.5f})",
-                           ["arm", "mean", "diff", "target (ref − margin)", "t", "df", "p", "meets"], rows,
-                           text=["One-sided one-sample t-test of each arm's score against the published value "
-                                 "minus 0.005 nats in bpb at the arm's tokens per byte."]))
-    return out
+    if not stats["vs_reference"]:
+        return []
+    ref = stats["reference"]
+    rows = [(a, f"{r['mean']:.5f}", f"{r['diff']:+.5f}", f"{r['target_bpb']:.5f}", _f(r["t"], ".2f"),
+             _f(r["df"], "d"), _p(r["p_less"]), "yes" if r["meets_margin"] else "no")
+            for a, r in stats["vs_reference"].items()]
+    return [section(f"Versus {ref['name']} ({ref['val_bpb']:.5f}): the challenge's test",
+                    ["arm", "mean", "diff", "target (ref − margin)", "t", "df", "p", "meets"], rows,
+                    text=["One-sided one-sample t-test of each arm's score against the published value "
+                          "minus 0.005 nats in bpb at the arm's tokens per byte."])]
 
 
 def report_sections(stats):
-    return [verdict_section(stats), score_section(stats), *decomposition_sections(stats), group_section(stats),
+    first = [headline_section(stats)]
+    if stats["vs_reference"]:
+        first.append(reference_headline_section(stats))
+    if stats.get("progression"):
+        first.append(progression_section(stats))
+    if stats.get("config_differences"):
+        first.append(differences_section(stats))
+    return [*first, verdict_section(stats), score_section(stats), *budget_sections(stats),
+            *throughput_sections(stats), *decomposition_sections(stats), group_section(stats),
             *step_sections(stats), *versus_sections(stats)]
 
 
@@ -217,6 +360,38 @@ def plot_val_bpb_by_point(df, path):
     _save(fig, path)
 
 
+def plot_forest(stats, path):
+    """Each arm's Δ vs the baseline arm with its interval, coloured by verdict; the zero line and the
+    0.005-nat margin (to its left an arm beats the baseline by the margin)."""
+    comps = stats["vs_baseline"]
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.45 * max(len(comps), 1)))
+    if not comps:
+        _empty(ax, "no arm to compare with the baseline")
+        _save(fig, path)
+        return
+    colours = {"better": "seagreen", "worse": "indianred", "no difference": "gray", "untested": "gray"}
+    arms = list(comps)
+    for y, arm in enumerate(arms):
+        c = comps[arm]
+        if c["ci_low"] is not None:
+            ax.hlines(y, c["ci_low"], c["ci_high"], color=colours[c["verdict"]], lw=2)
+        ax.plot(c["diff"], y, "o", color=colours[c["verdict"]])
+    margin = next(iter(comps.values()))["margin_bpb"]
+    ax.axvline(0, color="black", lw=1, label="no change")
+    ax.axvline(-margin, color="black", ls="--", lw=1, label=f"−0.005 nats ({margin:.5f} bpb)")
+    ax.set_yticks(range(len(arms)), [f"{a} ({comps[a]['test']})" for a in arms], fontsize=8)
+    ax.set(xlabel=f"Δ val_bpb vs {stats['baseline_arm']} (bpb; {stats['confidence']:.0%} interval)",
+           title="Δ vs the baseline arm (negative = better)")
+    handles = [plt.Line2D([], [], color=c, marker="o", lw=2, label=v) for v, c in colours.items()
+               if v != "untested" and any(x["verdict"] == v for x in comps.values())]
+    ax.set_ylim(len(arms) - 0.4, -0.6)
+    ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_waterfall(stats, path):
     """Per arm: a bar from the chain's first mean, then each step's mean change floating on the
     running level (red = worse, green = better), the seeds' own paths drawn over it."""
@@ -296,6 +471,7 @@ def plot_eval_seconds(df, path):
 
 
 def write_reports(stats, df, curves, out: Path):
+    plot_forest(stats, out / FIGURES["forest"])
     plot_val_bpb_by_point(df, out / FIGURES["val_bpb_by_point"])
     plot_waterfall(stats, out / FIGURES["waterfall"])
     plot_train_loss(curves, out / FIGURES["train_loss"])

@@ -86,6 +86,17 @@ class Batches:
         (self.sampler if self.sampler is not None else self.stream).load_state_dict(state)
 
 
+def progress_line(record: dict, cfg: dict) -> str:
+    """A step in the records' log format (step/total, train loss, train time, ms/step), plus tok/s and the
+    time left: to the wallclock cap when there is one, else at this pace to the last iteration."""
+    step, ms = record["step"], record["ms"]
+    avg = ms / step
+    left_s = (budget_seconds(cfg) - ms / 1000 if budget_seconds(cfg)
+              else (cfg["iterations"] - step) * avg / 1000)
+    return (f"step:{step}/{cfg['iterations']} train_loss:{record['loss']:.4f} train_time:{ms:.0f}ms "
+            f"step_avg:{avg:.2f}ms tok/s:{record['tokens'] / max(ms / 1000, 1e-9):.0f} eta:{max(left_s, 0):.0f}s")
+
+
 def budget_seconds(cfg: dict) -> float:
     """The training loop's wallclock budget: the cap less the GPTQ reserve (0 = no cap)."""
     return max(cfg["max_seconds"] - cfg["gptq_reserve_seconds"], 0.0) if cfg["max_seconds"] else 0.0
@@ -373,11 +384,14 @@ class Trainer:
                       "step_ms": round(step_ms, 3)}
             self.metrics.append(record)  # every step: metrics.jsonl does not depend on log_every
             if self.step % cfg["log_every"] == 0 or self.step == 1 or self.step == cfg["iterations"]:
-                self.log(json.dumps(record))
+                self.log(progress_line(record, cfg))
             if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
                 self.save_resume(resume_dir)
-        if self.metrics:
-            self.log(json.dumps(self.metrics[-1]) + f"  # last step, stopped by {stopped_by}")
+        if self.metrics and self.metrics[-1]["step"] % cfg["log_every"]:
+            self.log(progress_line(self.metrics[-1], cfg))
+        if stopped_by == "wallclock":
+            self.log(f"stopping_early: wallclock_cap train_time:{self.elapsed_ms:.0f}ms "
+                     f"step:{self.step}/{cfg['iterations']}")
         return {"stopped_by": stopped_by, "resumed": resumed}
 
     def final_weights(self) -> tuple[dict, str]:

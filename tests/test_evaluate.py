@@ -332,3 +332,22 @@ def test_the_model_summary_must_record_the_field_of_its_point(tiny_data, tmp_pat
     with pytest.raises(IntegrityError, match=r"summary.json: no 'artifact_sha256' recorded"):
         evaluate.run(eval_config(seq_len=64, point="quant"), "standard", ckpt, summary_of(ckpt),
                      tiny_data["manifest"], tmp_path / "standard.json")
+
+
+def test_progress_is_printed_per_chunk_and_does_not_change_the_scores(tiny_data, tiny_checkpoint, capsys, monkeypatch):
+    from stages.model import load_checkpoint
+    from stages.shards import load_tokens, manifest_shards
+    model = load_checkpoint(tiny_checkpoint)
+    val = load_tokens(manifest_shards(tiny_data["manifest"], "val"))
+    cfg = {"seq_len": 64, "stride": 16, "batch_seqs": 4, "doc_isolation": False,
+           "ogd": {"enabled": False, "lr": 0.5}}
+    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", math.inf)  # only the final line
+    whole = evaluate.token_losses(model, val, "sliding", cfg, torch.device("cpu"))
+    monkeypatch.setattr(evaluate, "PROGRESS_BATCHES", 3)
+    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0.0)
+    paced = evaluate.token_losses(model, val, "sliding", cfg, torch.device("cpu"))
+    assert np.array_equal(whole, paced, equal_nan=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluate sliding:")]
+    windows = len(evaluate.scoring_windows(len(val), 64, 16))
+    chunks = -(-windows // 12)
+    assert len(lines) == chunks + 1 and lines[-1].startswith(f"evaluate sliding: {chunks}/{chunks} chunks")

@@ -74,3 +74,86 @@ def test_threshold_bpb_is_the_records_conversion():
     loss = 2.0
     bpb = loss / math.log(2) * tokens / nbytes
     assert stats.threshold_bpb(bpb, loss) == pytest.approx(0.005 * tokens / nbytes / math.log(2))
+
+
+# Per-seed scores of an arm that is worse than its baseline by ~0.0102 bpb with a tiny spread (issue 11):
+# paired by seed the difference is clear; Welch on the two unpaired samples sees only the seed spread.
+BASE = {"1": 1.2000, "2": 1.2105, "3": 1.2051}
+WORSE = {"1": 1.2102, "2": 1.2211, "3": 1.2150}
+
+
+def test_paired_difference_matches_hand_computation():
+    d = np.array([0.0102, 0.0106, 0.0099])
+    mean, sd = d.mean(), d.std(ddof=1)
+    t = mean / (sd / math.sqrt(3))
+    half = T_975_DF2 * sd / math.sqrt(3)
+    r = stats.compare(WORSE, BASE, 0.95, margin_bpb=0.002)
+    assert r["test"] == "paired t" and r["n"] == 3 and r["df"] == 2
+    assert r["diff"] == pytest.approx(mean) and r["std"] == pytest.approx(sd)
+    assert r["t"] == pytest.approx(t)
+    assert r["p_two_sided"] == pytest.approx(2 * st.t.sf(abs(t), 2))
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((mean - half, mean + half))
+    assert r["verdict"] == "worse"
+    assert r["meets_margin"] is False
+
+
+def test_welch_difference_when_seeds_differ():
+    base = {"7": 1.2000, "8": 1.2105, "9": 1.2051}
+    a, b = np.array(list(WORSE.values())), np.array(list(base.values()))
+    va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 3
+    diff, se = a.mean() - b.mean(), math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    r = stats.compare(WORSE, base, 0.95, margin_bpb=0.002)
+    assert r["test"] == "Welch t" and (r["n_arm"], r["n_baseline"]) == (3, 3)
+    assert r["diff"] == pytest.approx(diff) and r["t"] == pytest.approx(diff / se)
+    assert r["df"] == pytest.approx(df)
+    assert r["p_two_sided"] == pytest.approx(2 * st.t.sf(abs(diff / se), df))
+    half = st.t.ppf(0.975, df) * se
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((diff - half, diff + half))
+    assert r["verdict"] == "no difference"  # the seed spread hides what pairing shows
+
+
+def test_a_better_arm_is_better_and_the_margin_is_a_one_sided_test_at_p_001():
+    better = {s: v - 0.0102 for s, v in BASE.items()}
+    better["2"] -= 0.0004
+    r = stats.compare(better, BASE, 0.95, margin_bpb=0.002)
+    assert r["verdict"] == "better" and r["diff"] < 0
+    d = np.subtract(list(better.values()), list(BASE.values()))
+    p = st.ttest_rel(d + 0.002, np.zeros(3), alternative="less").pvalue
+    assert r["p_margin"] == pytest.approx(p) and r["meets_margin"] is bool(p < 0.01)
+    assert stats.compare(better, BASE, 0.95, margin_bpb=0.02)["meets_margin"] is False
+
+
+def test_compare_with_one_seed_is_untested():
+    r = stats.compare({"1": 1.0}, {"1": 1.1}, 0.95, margin_bpb=0.002)
+    assert r["verdict"] == "untested" and r["p_two_sided"] is None and r["diff"] == pytest.approx(-0.1)
+
+
+# The 2026-04-27 LQER record's three published seeds (its README: 1.05989454, 1.06124613, 1.06208695).
+LQER = [1.05989454, 1.06124613, 1.06208695]
+
+
+def test_progression_rule_is_one_sided_welch_against_the_frontier_row():
+    frontier = [1.0619, 1.0628, 1.0612, 1.0624]  # a made-up frontier row, a reproduction pooled in
+    a, b = np.array(LQER), np.array(frontier)
+    va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 4
+    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
+    p = st.t.cdf(t, df)
+    assert 0.01 < p < 0.25  # passes the progression cutoff, not the README's p < 0.01
+    r = stats.progression(LQER, frontier, alpha=0.25)
+    assert r["t"] == pytest.approx(t) and r["df"] == pytest.approx(df) and r["p_less"] == pytest.approx(p)
+    assert r["progresses"] is True
+    assert stats.progression(LQER, frontier, alpha=0.01)["progresses"] is False
+    margin = 0.00228
+    p_margin = st.ttest_ind(a + margin, b, equal_var=False, alternative="less").pvalue
+    r = stats.progression(LQER, frontier, alpha=0.25, margin_bpb=margin)
+    assert r["p_less"] == pytest.approx(p_margin) and r["progresses"] is False
+
+
+def test_a_difference_constant_up_to_rounding_is_untested():
+    base = {"1": 1.1, "2": 1.2, "3": 2.3}
+    shifted = {s: v - 0.05 for s, v in base.items()}  # exact in decimals, not in binary
+    assert np.ptp(np.subtract(list(shifted.values()), list(base.values()))) > 0
+    r = stats.compare(shifted, base, 0.95, margin_bpb=0.002)
+    assert r["t"] is None and r["verdict"] == "untested" and r["p_margin"] is None

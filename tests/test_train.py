@@ -1,12 +1,13 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, tiny_train_config
-from stages import train
+from stages import records, train
 
 
 def train_args(data, out, seed=1, curriculum=False, **overrides):
@@ -137,25 +138,28 @@ def test_non_finite_exported_weight_is_named(tiny_data, tmp_path, monkeypatch):
     assert not (tmp_path / "model.pt").exists()
 
 
+def cap_at_step(n):
+    """A wallclock cap that this machine's speed cannot move: reached once `n` steps are done."""
+    return lambda self: self.step >= n
+
+
 def test_capped_run_resumes_from_an_unlogged_checkpoint(tiny_data, tmp_path, monkeypatch):
     """The cap is reached right after a checkpoint at a step that was not logged: the resumed run has no
     step left to take and must still finish (it raised UnboundLocalError)."""
-    real_cap = train.Trainer.reached_cap
-
     def killed_at_the_cap(self):
-        if real_cap(self):
+        if self.step >= 25:
             raise KeyboardInterrupt("killed at the cap")
         return False
 
-    args = train_args(tiny_data, tmp_path, iterations=10**6, max_seconds=0.5, log_every=10**6, checkpoint_every=1)
+    args = train_args(tiny_data, tmp_path, iterations=10**6, max_seconds=600, log_every=10**6, checkpoint_every=1)
     monkeypatch.setattr(train.Trainer, "reached_cap", killed_at_the_cap)
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
-    monkeypatch.setattr(train.Trainer, "reached_cap", real_cap)
+    monkeypatch.setattr(train.Trainer, "reached_cap", cap_at_step(25))
     train.main(args)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["resumed"] and summary["stopped_by"] == "wallclock" and summary["steps"] > 1
-    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == summary["steps"]
+    assert summary["resumed"] and summary["stopped_by"] == "wallclock" and summary["steps"] == 25
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 25
 
 
 def test_train_log_keeps_every_attempt_and_marks_the_resume(tiny_data, tmp_path, monkeypatch):
@@ -173,7 +177,7 @@ def test_train_log_keeps_every_attempt_and_marks_the_resume(tiny_data, tmp_path,
     monkeypatch.setattr(train.Trainer, "train_step", real_step)
     train.main(args)
     lines = (tmp_path / "train.log").read_text().splitlines()
-    steps = [json.loads(line.split("  #")[0])["step"] for line in lines if line.startswith("{")]
+    steps = [int(m[1]) for line in lines if (m := records.TRAIN_STEP.match(line))]
     assert steps[:25] == list(range(1, 26))  # the first attempt, up to the kill
     assert "# resumed at step 20" in "\n".join(lines)
     assert set(range(1, 31)) <= set(steps) and steps[-1] == 30
@@ -207,3 +211,19 @@ def test_run_settings_do_not_change_what_is_trained(tiny_data, tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 10
     digest = [json.loads((tmp_path / n / "summary.json").read_text())["model_sha256"] for n in "ab"]
     assert digest[0] == digest[1] == hashlib.sha256((tmp_path / "a" / "model.pt").read_bytes()).hexdigest()
+
+
+def test_train_log_is_in_the_records_format_with_tok_s_and_the_time_left(tiny_data, tmp_path):
+    train.main(train_args(tiny_data, tmp_path, iterations=20, log_every=5))
+    lines = [line for line in (tmp_path / "train.log").read_text().splitlines() if line.startswith("step:")]
+    assert [int(records.TRAIN_STEP.match(line)[1]) for line in lines] == [1, 5, 10, 15, 20]
+    assert all(re.search(r"step_avg:[\d.]+ms tok/s:\d+ eta:\d+s$", line) for line in lines), lines
+    assert lines[-1].endswith("eta:0s")
+
+
+def test_a_capped_run_logs_that_it_stopped_early(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.Trainer, "reached_cap", cap_at_step(25))
+    train.main(train_args(tiny_data, tmp_path, iterations=10**6, max_seconds=600, log_every=10**6))
+    last = (tmp_path / "train.log").read_text().splitlines()[-1]
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert records.STOPPING.match(last)[2] == str(steps)

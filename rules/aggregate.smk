@@ -21,7 +21,7 @@ rule aggregate:
         runs=json.dumps(RUNS, sort_keys=True),
         report=json.dumps(config["report"], sort_keys=True),
         # what differs between arms; derived (takes output): a run setting alone (log_every) reruns nothing
-        arms=lambda wc, output: json.dumps({"defaults": config["defaults"], "arms": config["arms"]}, sort_keys=True),
+        arms=json.dumps({"defaults": config["defaults"], "arms": config["arms"]}, sort_keys=True),  # what differs
     log:
         "logs/aggregate.log",
     benchmark:

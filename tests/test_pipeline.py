@@ -180,7 +180,7 @@ def digests(folder) -> dict:
 @pytest.mark.parametrize("key, value", [("log_every", 3), ("checkpoint_every", 7)])
 def test_run_settings_do_not_retrain(workdir, key, value):
     with config_changed(workdir, lambda cfg: cfg["defaults"]["train"].update({key: value})):
-        assert planned_jobs(workdir) == {}
+        assert planned_jobs(workdir) == {"aggregate": 1, "all": 1}  # only the report, which shows the config
 
 
 def test_ttt_settings_rerun_only_the_ttt_evaluations_and_the_budget_only_the_report(workdir):
@@ -272,7 +272,7 @@ def test_a_failing_aggregate_keeps_the_last_good_reports(workdir):
 
 def test_a_trainer_orphaned_by_a_killed_snakemake_blocks_a_second_one_then_resumes(workdir):
     def slow(cfg):
-        cfg["defaults"]["train"].update(iterations=10**6, max_seconds=20, checkpoint_every=20, log_every=100)
+        cfg["defaults"]["train"].update(iterations=10**6, max_seconds=30, checkpoint_every=5, log_every=100)
 
     plan = caddie.plan(tiny_config())
     with config_changed(workdir, slow) as cfg:
@@ -289,6 +289,7 @@ def test_a_trainer_orphaned_by_a_killed_snakemake_blocks_a_second_one_then_resum
         orphan = int(lock.read_text().split()[1])
         first.send_signal(signal.SIGKILL)  # snakemake dies; its trainer runs on
         first.wait()
+        os.kill(orphan, signal.SIGSTOP)  # alive, but it cannot finish while the second snakemake starts
         try:
             assert snakemake(workdir, "--unlock").returncode == 0
             second = snakemake(workdir, "--cores", "1", "--rerun-incomplete", target)

@@ -1,6 +1,10 @@
 def train_curriculum(wc):
+    """The bucket file and the summary that records its sha256, when the curriculum is on."""
     inputs = PLAN["stages"]["train"][wc.key]["inputs"]
-    return [f"artifacts/curriculum/{inputs['curriculum']}/buckets.npz"] if "curriculum" in inputs else []
+    if "curriculum" not in inputs:
+        return {}
+    folder = f"artifacts/curriculum/{inputs['curriculum']}"
+    return {"curriculum": f"{folder}/buckets.npz", "curriculum_summary": f"{folder}/summary.json"}
 
 
 def train_launcher(wc, output):
@@ -17,8 +21,8 @@ def train_gpus(wc):
 
 rule train:
     input:
+        unpack(train_curriculum),
         manifest=lambda wc: manifest_path(upstream("train", wc.key, "tokenize")),
-        curriculum=train_curriculum,
     output:
         model=update("artifacts/train/{key}/seed{seed}/model.pt"),
         metrics=update("artifacts/train/{key}/seed{seed}/metrics.jsonl"),
@@ -28,7 +32,7 @@ rule train:
         config=stage_config("train"),
         run=run_settings("train"),
         launcher=train_launcher,
-        curriculum=lambda wc: " ".join(f"--curriculum {p}" for p in train_curriculum(wc)),
+        curriculum=lambda wc: " ".join(f"--{k.replace('_', '-')} {p}" for k, p in train_curriculum(wc).items()),
         resume_dir="artifacts/train/{key}/seed{seed}/resume",
     threads: 2
     resources:

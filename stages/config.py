@@ -9,6 +9,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def validate(config: dict, source: str = "config") -> None:
     from stages import checks  # it imports this module
     schema = load_schema()
     schema.setdefault("$id", "caddie:config")
-    problems = _check(config, schema, "", schema)
+    problems = _check(config, schema, "", schema) + list(non_finite_numbers(config))
     if not problems:
         stage_schema = {"$ref": "caddie:config#/$defs/stages"}
         for arm, override in config["arms"].items():
@@ -91,6 +92,19 @@ def validate(config: dict, source: str = "config") -> None:
             problems += [f"arms.{arm}.{p}" for p in own]
     if problems:
         raise ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(problems))
+
+
+def non_finite_numbers(value, path=""):
+    """Key paths of NaN or infinite numbers (YAML's .nan, .inf): no setting means them, and NaN fails no
+    comparison a check or a stage makes."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from non_finite_numbers(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from non_finite_numbers(item, f"{path}.{i}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield f"{path}: {value} is not a finite number"
 
 
 def content_key(stage: str, section, inputs: dict, code: str) -> str:
@@ -136,9 +150,14 @@ def evaluate_section(cfg: dict, point: str, mode: str) -> dict:
     """What one (point, mode) evaluation depends on: TTT settings only for mode ttt; the budget is judged
     by the report, not here."""
     ev = cfg["evaluate"]
-    section = {k: v for k, v in ev.items() if k not in ("modes", "budget_seconds", "ttt")}
+    section = {k: v for k, v in ev.items() if k not in ("modes", "budget_seconds", "ttt", "stride", "ogd")}
+    if mode != "standard":  # standard windows do not overlap: stride = seq_len
+        section["stride"] = ev["stride"]
+    section["ogd"] = ev["ogd"] if ev["ogd"]["enabled"] else {"enabled": False}
     if mode == "ttt":
-        section["ttt"] = ev["ttt"]
+        ttt = ev["ttt"]  # each method reads its own settings: lora its sub-tree, sgd the others
+        section["ttt"] = ({"method": "lora", "lora": ttt["lora"]} if ttt["method"] == "lora"
+                          else {k: v for k, v in ttt.items() if k != "lora"})
     elif ev["ogd"]["enabled"]:  # the OGD bias learns chunk by chunk in every mode
         section["ttt"] = {"chunk_tokens": ev["ttt"]["chunk_tokens"]}
     return {**section, "point": point, "mode": mode}

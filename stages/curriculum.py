@@ -10,11 +10,12 @@ import argparse
 import json
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from stages.io import atomic_path, write_json
+from stages.io import IntegrityError, atomic_path, sha256_file, verify_recorded, write_json
 from stages.shards import load_tokens, manifest_shards
 
 
@@ -77,9 +78,14 @@ class BucketSampler:
         self.rng.bit_generator.state = state["rng"]
 
 
-def load_sampler(path, floor: float, seed: int, rank: int = 0) -> BucketSampler:
-    data = np.load(path)
-    return BucketSampler(data["starts"], data["bucket_ids"], int(data["num_buckets"]), floor, seed, rank)
+def load_sampler(path, summary_path, floor: float, seed: int, rank: int = 0) -> BucketSampler:
+    """The sampler of a bucket file, verified against the sha256 its curriculum summary recorded."""
+    verify_recorded(path, summary_path, "buckets_sha256")
+    try:
+        data = np.load(path)
+        return BucketSampler(data["starts"], data["bucket_ids"], int(data["num_buckets"]), floor, seed, rank)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise IntegrityError(f"{path}: not a readable bucket file ({type(e).__name__}: {e})") from None
 
 
 def run(cfg: dict, manifest: Path, out: Path, summary_path: Path) -> dict:
@@ -100,7 +106,7 @@ def run(cfg: dict, manifest: Path, out: Path, summary_path: Path) -> dict:
         "config": cfg, "sequences": len(starts), "seq_len": seq_len,
         "buckets": [{"bucket": b, "sequences": int((bucket_ids == b).sum()),
                      "mean_score": float(scores[bucket_ids == b].mean())} for b in range(k)],
-        "edges": edges.tolist(), "seconds": round(time.time() - start, 3),
+        "edges": edges.tolist(), "buckets_sha256": sha256_file(out), "seconds": round(time.time() - start, 3),
     }
     write_json(summary_path, summary)
     return summary

@@ -313,8 +313,8 @@ def check_quantized_model(state, model_config, batch, cfg, reports, checkpoint) 
     if not math.isfinite(loss):
         raise QuantizationError(f"{checkpoint}: quantized model's calibration loss is {loss}")
     if loss > uniform - 0.1:
-        raise QuantizationError(f"{checkpoint}: quantized model's calibration loss {loss:.3f} nats is within "
-                                f"0.1 of ln(vocab) = {uniform:.3f}: the quantizer destroyed the model")
+        raise QuantizationError(f"{checkpoint}: quantized model's calibration loss {loss:.3f} nats is not 0.1 "
+                                f"below ln(vocab) = {uniform:.3f} (a uniform guess): the quantizer destroyed the model")
     return {"calibration_loss": loss, "uniform_loss": uniform}
 
 
@@ -385,11 +385,17 @@ def run(cfg: dict, checkpoint: Path, checkpoint_summary: Path, manifest: Path, s
     cal = cfg["calibration"]
     batches = (generated_calibration(model, cal, seed) if cal["source"] == "generated"
                else train_calibration(manifest, cal, seed))
+    prequant_loss = batch_loss(model, batches[0])
+    uniform = math.log(model.config.vocab_size)
+    if not prequant_loss < uniform - 0.1:  # then a failing guard below would blame the quantizer
+        raise QuantizationError(f"{checkpoint}: the checkpoint itself scores {prequant_loss:.3f} nats on its "
+                                f"calibration batch, not 0.1 below ln(vocab) = {uniform:.3f}: it was broken before "
+                                "quantization")
     code = counted_code(cfg["counted_code"], cfg["code_accounting"])
     blob, info = build_artifact(model, cfg, batches, code["bytes"], source=checkpoint)
     state = info.pop("state")
     guard = check_quantized_model(state, model.config.to_dict(), batches[0], cfg, info["tensors"], checkpoint)
-    guard["prequant_calibration_loss"] = batch_loss(model, batches[0])
+    guard["prequant_calibration_loss"] = prequant_loss
     total = len(blob) + code["bytes"]
     summary = {"config": cfg, "checkpoint": str(checkpoint), "artifact_sha256": hashlib.sha256(blob).hexdigest(),
                "bits": cfg["bits"], "compressor": cfg["compressor"],

@@ -87,11 +87,30 @@ def load_tokens(paths, vocab_size: int | None = None) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
+def check_splits_apart(shards: list[dict], manifest_path) -> None:
+    """Val never doubles as train: each shard is named for its split, listed once, and no train shard has
+    the bytes of a val shard."""
+    names = [s["name"] for s in shards]
+    for entry in shards:
+        if not entry["name"].startswith(f"fineweb_{entry['split']}_"):
+            raise ShardError(f"{manifest_path}: shard {entry['name']} is listed under split {entry['split']!r}")
+    for name in names:
+        if names.count(name) > 1:
+            raise ShardError(f"{manifest_path}: shard {name} is listed more than once")
+    val = {s["sha256"]: s["name"] for s in shards if s["split"] == "val" and "sha256" in s}
+    for entry in shards:
+        if entry["split"] == "train" and entry.get("sha256") in val:
+            raise ShardError(f"{manifest_path}: train shard {entry['name']} has the same bytes as val shard "
+                             f"{val[entry['sha256']]}: val data would be trained on")
+
+
 def manifest_shards(manifest_path, split: str, verify: bool = True) -> list[Path]:
     """The shards of one split, in order, as listed by a tokenize manifest beside them, each verified
     against the sha256 the manifest recorded (a changed or corrupted shard is an error naming it)."""
     manifest_path = Path(manifest_path)
-    entries = [s for s in read_json(manifest_path)["shards"] if s["split"] == split]
+    shards = read_json(manifest_path)["shards"]
+    check_splits_apart(shards, manifest_path)
+    entries = [s for s in shards if s["split"] == split]
     paths = [manifest_path.parent / s["name"] for s in entries]
     if verify:
         with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:  # hashlib releases the GIL

@@ -25,7 +25,7 @@ import sentencepiece as spm
 
 from stages import corpus
 from stages.io import sha256_file, write_bytes, write_json
-from stages.shards import ShardError, read_shard, shard_name, write_shard
+from stages.shards import ShardError, check_splits_apart, read_shard, shard_name, write_shard
 
 BOS_ID = 1
 # The challenge's SentencePiece settings (data/download_hf_docs_and_tokenize.py).
@@ -259,6 +259,7 @@ def import_challenge(cfg: dict, staging: Path) -> dict:
             tokens = read_shard(path, vocab_size=sp.vocab_size())
             link_or_copy(path, staging / path.name)
             shards.append(shard_entry(staging / path.name, split, tokens))
+    check_splits_apart(shards, src)
     documents = {split: sum(s["bos"] for s in shards if s["split"] == split) for split in ("train", "val")}
     if documents["val"] == 0:
         raise ShardError(f"{src}: val shards hold no BOS token; documents must start with BOS ({BOS_ID})")

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from stages import techniques
 from stages.curriculum import load_sampler
-from stages.io import read_json, save_torch, sha256_file, write_json, write_text
+from stages.io import IntegrityError, read_json, save_torch, sha256_file, write_json, write_text
 from stages.model import GPT, GPTConfig, cast_to_training_dtypes, param_groups
 from stages.muon import Muon
 from stages.shards import manifest_shards, read_header, read_shard
@@ -170,7 +170,7 @@ def all_reduce_mean(value: torch.Tensor, world: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg, curriculum_cfg, manifest, curriculum_path, seed):
+    def __init__(self, cfg, curriculum_cfg, manifest, curriculum_path, curriculum_summary, seed):
         self.cfg, self.seed = cfg, seed
         self.rank, self.world, self.device = init_distributed(cfg["device"])
         if cfg["micro_batches"] % self.world:
@@ -198,7 +198,7 @@ class Trainer:
         paths = manifest_shards(manifest, "train")
         sampler, tokens = None, None
         if curriculum_cfg["enabled"]:
-            sampler = load_sampler(curriculum_path, curriculum_cfg["floor"], seed)
+            sampler = load_sampler(curriculum_path, curriculum_summary, curriculum_cfg["floor"], seed)
             tokens = np.concatenate([np.asarray(read_shard(p, vocab)) for p in paths])
         self.batches = Batches(TokenStream(paths, vocab), sampler, tokens, cfg["seq_len"], self.rank, self.world)
         self.step, self.elapsed_ms, self.metrics = 0, 0.0, []
@@ -325,12 +325,24 @@ class Trainer:
     def save_resume(self, resume_dir: Path):
         if self.rank == 0:
             save_torch(resume_dir / "state.pt", self.state_dict())
+            write_text(resume_dir / "state.sha256", sha256_file(resume_dir / "state.pt"))
 
     def load_resume(self, resume_dir: Path) -> bool:
-        path = resume_dir / "state.pt"
+        """Continue from resume_dir/state.pt when it is the file save_resume wrote (its sha256 matches); a
+        corrupt or unreadable state is moved aside and the run starts again at step 0, said in the log."""
+        path, digest = resume_dir / "state.pt", resume_dir / "state.sha256"
         if not path.exists():
             return False
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        try:
+            if not digest.exists() or sha256_file(path) != digest.read_text().strip():
+                raise IntegrityError("its sha256 is not the one recorded when it was written")
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # torch.load's errors do not name the file
+            os.replace(path, path.with_suffix(".pt.corrupt"))
+            self.log(f"# resume state {path} is corrupt ({type(e).__name__}: {e}); moved to "
+                     f"{path.with_suffix('.pt.corrupt')}; starting again at step 0")
+            return False
+        self.load_state_dict(state)
         return True
 
     def log(self, line: str):
@@ -348,6 +360,9 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
         return bool(over)
+
+    def logs_step(self, step: int) -> bool:
+        return step % self.cfg["log_every"] == 0 or step in (1, self.cfg["iterations"])
 
     def fit(self, resume_dir: Path):
         self.log_path = resume_dir / "train.log"
@@ -383,11 +398,11 @@ class Trainer:
                       "tokens": self.step * cfg["batch_tokens"], "ms": round(self.elapsed_ms, 3),
                       "step_ms": round(step_ms, 3)}
             self.metrics.append(record)  # every step: metrics.jsonl does not depend on log_every
-            if self.step % cfg["log_every"] == 0 or self.step == 1 or self.step == cfg["iterations"]:
+            if self.logs_step(self.step):
                 self.log(progress_line(record, cfg))
             if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
                 self.save_resume(resume_dir)
-        if self.metrics and self.metrics[-1]["step"] % cfg["log_every"]:
+        if self.metrics and not self.logs_step(self.metrics[-1]["step"]):  # the last step is always logged
             self.log(progress_line(self.metrics[-1], cfg))
         if stopped_by == "wallclock":
             self.log(f"stopping_early: wallclock_cap train_time:{self.elapsed_ms:.0f}ms "
@@ -416,9 +431,9 @@ class Trainer:
         uniform = math.log(self.model.config.vocab_size)
         final = self.metrics[-1]["loss"] if self.metrics else None
         if final is not None and final > uniform - 0.1:
-            raise FloatingPointError(f"train: final loss {final:.4f} nats at step {self.step} is within 0.1 of "
-                                     f"ln(vocab) = {uniform:.4f}: the model learned nothing (check train.optimizer "
-                                     "learning rates and train.iterations)")
+            raise FloatingPointError(f"train: final loss {final:.4f} nats at step {self.step} is not 0.1 below "
+                                     f"ln(vocab) = {uniform:.4f} (a uniform guess): the model learned nothing "
+                                     "(check train.optimizer learning rates and train.iterations)")
 
     def write_outputs(self, out_dir: Path, info: dict, config: dict):
         weights, source = self.final_weights()
@@ -471,7 +486,7 @@ def trainer_lock(resume_dir: Path, out_dir: Path, rank: int):
     lock, me = resume_dir / "train.lock", f"{socket.gethostname()} {os.getpid()}"
     while True:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
             host, _, pid = lock.read_text().partition(" ")
@@ -496,13 +511,15 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help='{"train": ..., "curriculum": ...} as JSON')
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--curriculum", type=Path, help="bucket .npz (when the curriculum is enabled)")
+    parser.add_argument("--curriculum-summary", type=Path, help="its summary.json, which records its sha256")
     parser.add_argument("--seed", required=True, type=int)
     parser.add_argument("--out-dir", required=True, type=Path)
     parser.add_argument("--resume-dir", required=True, type=Path)
     parser.add_argument("--run", default="{}", help="run settings (log_every, checkpoint_every), as JSON")
     args = parser.parse_args(argv)
     config, run = json.loads(args.config), json.loads(args.run)
-    trainer = Trainer({**config["train"], **run}, config["curriculum"], args.manifest, args.curriculum, args.seed)
+    trainer = Trainer({**config["train"], **run}, config["curriculum"], args.manifest, args.curriculum,
+                      args.curriculum_summary, args.seed)
     with trainer_lock(args.resume_dir, args.out_dir, trainer.rank):
         start = time.time()
         info = trainer.fit(args.resume_dir)

@@ -41,7 +41,8 @@ def tiny_data(tmp_path_factory):
     manifest = tokenize.run(tiny_tokenize_config(), out)
     buckets = out / "buckets.npz"
     curriculum.run({"buckets": 4, "seq_len": 64}, out / "manifest.json", buckets, out / "curriculum.json")
-    return {"dir": out, "manifest": out / "manifest.json", "buckets": buckets, "info": manifest}
+    return {"dir": out, "manifest": out / "manifest.json", "buckets": buckets,
+            "buckets_summary": out / "curriculum.json", "info": manifest}
 
 
 @pytest.fixture(scope="session")

@@ -259,3 +259,27 @@ def test_snakemake_rejects_float_integers_and_plan_time_problems_in_a_configfile
     (work / "bad.yaml").write_text("arms: {baseline: {}, foo: {evaluate: {stride: 256}}}\n")
     rc, out = dry_run(work, "--configfile", "bad.yaml")
     assert rc != 0 and "arms.foo.evaluate.stride: 256 exceeds evaluate.seq_len 128" in out, out
+
+
+@pytest.mark.parametrize("path", [("train", "max_seconds"), ("quantize", "clip_percentile"),
+                                  ("train", "optimizer", "matrix_lr")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_numbers_are_rejected_with_their_path(path, value):
+    cfg = default_config()
+    section = cfg["arms"]["int6"]
+    for key in path[:-1]:
+        section = section.setdefault(key, {})
+    section[path[-1]] = value
+    with pytest.raises(caddie.ConfigError, match=rf"arms\.int6\.{'.'.join(path)}: {value} is not a finite number"):
+        caddie.validate(cfg)
+
+
+def test_evaluate_keys_leave_out_what_a_mode_does_not_read():
+    base = plan_after(lambda cfg: None)
+    stride = plan_after(lambda cfg: cfg["defaults"]["evaluate"].update(stride=16))
+    ogd_lr = plan_after(lambda cfg: cfg["defaults"]["evaluate"]["ogd"].update(lr=0.5))  # ogd is off
+    lora = plan_after(lambda cfg: cfg["defaults"]["evaluate"]["ttt"]["lora"].update(rank=2))  # method sgd
+    for point, modes in base["evaluate"].items():
+        assert stride["evaluate"][point]["standard"] == modes["standard"]
+        assert stride["evaluate"][point]["sliding"] != modes["sliding"]
+        assert ogd_lr["evaluate"][point] == modes and lora["evaluate"][point] == modes

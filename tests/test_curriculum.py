@@ -246,7 +246,7 @@ def test_run_writes_a_summary(run_outputs):
 
 def test_fixture_buckets_load_into_a_sampler(tiny_data):
     data = np.load(tiny_data["buckets"])
-    s = curriculum.load_sampler(tiny_data["buckets"], floor=0.02, seed=1)
+    s = curriculum.load_sampler(tiny_data["buckets"], tiny_data["buckets_summary"], floor=0.02, seed=1)
     draws = s.sample(200, 0.0)
     index = {int(start): int(b) for start, b in zip(data["starts"], data["bucket_ids"])}
     assert all(int(d) in index for d in draws)
@@ -259,3 +259,18 @@ def test_more_buckets_than_sequences_raise_naming_the_setting(tiny_data, tmp_pat
     with pytest.raises(ValueError, match="curriculum.buckets"):
         curriculum.run(cfg, tiny_data["manifest"], tmp_path / "b.npz", tmp_path / "c.json")
     assert not (tmp_path / "b.npz").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_a_changed_bucket_file_is_refused_naming_it(tiny_data, tmp_path):
+    """Every window set to one start would train on a single repeated sequence, with rc 0."""
+    import shutil
+    from stages.io import IntegrityError
+    npz, summary = tmp_path / "buckets.npz", tmp_path / "curriculum.json"
+    shutil.copy(tiny_data["buckets"], npz)
+    shutil.copy(tiny_data["buckets_summary"], summary)
+    data = dict(np.load(npz))
+    data["starts"] = np.zeros_like(data["starts"])
+    with open(npz, "wb") as f:
+        np.savez(f, **data)
+    with pytest.raises(IntegrityError, match=rf"{npz}: sha256 .* recorded in {summary}"):
+        curriculum.load_sampler(npz, summary, floor=0.02, seed=1)

@@ -141,7 +141,7 @@ def test_over_the_cap_fails_loudly_and_keeps_the_previous_artifact(tiny_checkpoi
 def test_guard_fires_on_a_broken_quantizer(tiny_checkpoint, tiny_data, tmp_path, monkeypatch):
     # A quantizer whose scales are far too large rounds every weight to 0: a uniform predictor.
     monkeypatch.setattr(rowquant, "percentile_scale", lambda w, p, qmax: torch.full((w.size(0),), 1e4).half())
-    with pytest.raises(quantize.QuantizationError, match="within 0.1 of ln\\(vocab\\)"):
+    with pytest.raises(quantize.QuantizationError, match="not 0.1 below ln\\(vocab\\) = .*: the quantizer destroyed"):
         run(tiny_quantize_config(max_rel_error=10.0), tiny_checkpoint, tiny_data, tmp_path)
     assert not (tmp_path / "artifact.bin").exists()
 
@@ -303,3 +303,11 @@ def test_a_truncated_checkpoint_is_an_error_naming_it(tiny_checkpoint, tmp_path)
         truncated.write_bytes(data[:length])
         with pytest.raises(io.IntegrityError, match=rf"{truncated}: cannot be read as a checkpoint .*truncated or"):
             load_checkpoint(truncated)
+
+
+def test_a_checkpoint_broken_before_quantization_is_named_as_such(tiny_checkpoint, tiny_data, tmp_path):
+    """A model that already scores like a uniform guess is the checkpoint's fault, not the quantizer's."""
+    broken = altered_checkpoint(tiny_checkpoint, tmp_path / "ckpt", "tok_emb.weight", lambda w: w.mul_(0))
+    with pytest.raises(quantize.QuantizationError, match=r"the checkpoint itself scores .* it was broken before"):
+        run(tiny_quantize_config(), broken, tiny_data, tmp_path)
+    assert not (tmp_path / "artifact.bin").exists()

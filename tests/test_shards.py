@@ -274,3 +274,21 @@ def test_write_creates_missing_parent_folders(tmp_path):
     path = tmp_path / "a" / "b" / "s.bin"
     write_shard(path, [1])
     assert read_shard(path).tolist() == [1]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda shards: shards.append({**shards[0], "split": "train"}), "is listed under split 'train'"),
+    (lambda shards: shards.append(dict(shards[1])), "is listed more than once"),
+    (lambda shards: shards[1].update(sha256=shards[0]["sha256"]), "has the same bytes as val shard"),
+])
+def test_a_manifest_that_lists_val_as_train_is_refused(tmp_path, edit, message):
+    from stages.io import sha256_file
+    shards = []
+    for name, split, tokens in (("fineweb_val_000000.bin", "val", [1, 5, 6]), ("fineweb_train_000000.bin", "train", [1, 7])):
+        write_shard(tmp_path / name, tokens)
+        shards.append({"name": name, "split": split, "sha256": sha256_file(tmp_path / name)})
+    edit(shards)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"shards": shards}))
+    with pytest.raises(ShardError, match=message):
+        manifest_shards(manifest, "train")

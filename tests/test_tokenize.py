@@ -788,3 +788,12 @@ def test_a_run_after_a_killed_one_clears_its_staging_folder(tmp_path, tiny_data)
     manifest = tokenize.run(tiny_tokenize_config(max_docs=100, val_docs=5, tokenizer_model=given), out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [s["name"] for s in manifest["shards"]] + ["manifest.json", "summary.json", "tokenizer.model"])
+
+
+def test_a_val_shard_copied_among_the_challenge_train_shards_is_refused(challenge_dir, tmp_path):
+    leak = tmp_path / "leak"
+    shutil.copytree(challenge_dir, leak)
+    shutil.copy(leak / "fineweb_val_000000.bin", leak / "fineweb_train_000099.bin")
+    with pytest.raises(ShardError, match=r"train shard fineweb_train_000099.bin has the same bytes as val shard "
+                                         r"fineweb_val_000000.bin"):
+        tokenize.run(challenge_config(leak), tmp_path / "out")

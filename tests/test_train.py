@@ -15,7 +15,8 @@ def train_args(data, out, seed=1, curriculum=False, **overrides):
               "curriculum": {"enabled": curriculum, "buckets": 4, "floor": 0.02}}
     args = ["--config", json.dumps(config), "--manifest", str(data["manifest"]), "--seed", str(seed),
             "--out-dir", str(out), "--resume-dir", str(out / "resume")]
-    return args + (["--curriculum", str(data["buckets"])] if curriculum else [])
+    return args + (["--curriculum", str(data["buckets"]), "--curriculum-summary", str(data["buckets_summary"])]
+                   if curriculum else [])
 
 
 def losses(out):
@@ -118,7 +119,7 @@ def test_final_loss_near_uniform_fails_naming_ln_vocab(tiny_data, tmp_path, monk
         return 6.2, batch  # ln(512) = 6.238: within 0.1 nats
 
     monkeypatch.setattr(train.Trainer, "train_step", uniform_loss)
-    with pytest.raises(FloatingPointError, match=r"final loss 6.2000 nats .* within 0.1 of ln\(vocab\) = 6.2383"):
+    with pytest.raises(FloatingPointError, match=r"final loss 6.2000 nats .* not 0.1 below ln\(vocab\) = 6.2383"):
         train.main(train_args(tiny_data, tmp_path, iterations=5))
     assert not (tmp_path / "model.pt").exists()
 
@@ -227,3 +228,34 @@ def test_a_capped_run_logs_that_it_stopped_early(tiny_data, tmp_path, monkeypatc
     last = (tmp_path / "train.log").read_text().splitlines()[-1]
     steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
     assert records.STOPPING.match(last)[2] == str(steps)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupt_resume_state_is_set_aside_and_the_run_starts_again(tiny_data, tmp_path, monkeypatch, damage):
+    real_step = train.Trainer.train_step
+
+    def crash_at_25(self, **kw):
+        if self.step == 25:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, **kw)
+
+    straight = tmp_path / "straight"
+    train.main(train_args(tiny_data, straight))
+    broken = tmp_path / "broken"
+    args = train_args(tiny_data, broken, checkpoint_every=10)
+    monkeypatch.setattr(train.Trainer, "train_step", crash_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    state = broken / "resume" / "state.pt"
+    data = bytearray(state.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x10
+    else:
+        data = data[:len(data) // 3]
+    state.write_bytes(bytes(data))
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    train.main(args)
+    summary = json.loads((broken / "summary.json").read_text())
+    assert not summary["resumed"] and losses(broken) == losses(straight)
+    log = (broken / "train.log").read_text()
+    assert f"# resume state {state} is corrupt" in log and log.count("# started at step 0") == 2

@@ -141,9 +141,34 @@ def tokenize_section(tok: dict) -> dict:
 
 
 def train_section(cfg: dict) -> dict:
+    """The train settings that can change what is trained: a technique that is off keys only as off."""
     train = {k: v for k, v in cfg["train"].items() if k not in RUN_SETTINGS["train"]}
+    for technique in ("ema", "qna", "sqwa"):
+        if not train[technique]["enabled"]:
+            train[technique] = {"enabled": False}
+    if not train["replay"]["every"]:
+        train["replay"] = {"every": 0}
+    if not train["max_seconds"]:  # the reserve only shortens a wallclock budget
+        train["gptq_reserve_seconds"] = 0
     curriculum = cfg["curriculum"] if cfg["curriculum"]["enabled"] else {"enabled": False}
     return {"train": train, "curriculum": curriculum}
+
+
+def quantize_section(quantize: dict) -> dict:
+    """The quantize settings that can change the artifact: those of the method, clip, storage form and
+    calibration source in use; an option that is off keys only as off."""
+    q = copy.deepcopy(quantize)
+    if q["method"] != "gptq":
+        del q["gptq"]
+    del q["clip_percentile" if q["clip"] == "sdclip" else "clip_sigmas"]
+    q["storage"] = {k: v for k, v in q["storage"].items() if k in ("form", q["storage"]["form"])}
+    if not q["lqer"]["rank"]:
+        q["lqer"] = {"rank": 0}
+    if q["calibration"]["source"] != "generated":
+        del q["calibration"]["temperature"]
+    if not q["size_target"]["enabled"]:
+        q["size_target"] = {"enabled": False}
+    return q
 
 
 def evaluate_section(cfg: dict, point: str, mode: str) -> dict:
@@ -188,7 +213,7 @@ def plan(config: dict) -> dict:
             train_inputs["curriculum"] = keys["curriculum"]
         run = {k: cfg["train"][k] for k in RUN_SETTINGS["train"]}
         keys["train"] = add("train", train_section(cfg), train_inputs, run)
-        keys["quantize"] = add("quantize", cfg["quantize"], {"train": keys["train"]})
+        keys["quantize"] = add("quantize", quantize_section(cfg["quantize"]), {"train": keys["train"]})
         point_inputs = {"prequant": {"train": keys["train"]}, "quant": {"quantize": keys["quantize"]}}
         rescue = cfg["rescue"]
         if rescue["lcq"]["enabled"] or rescue["calibrate"]["enabled"]:  # else no rescue point at all

@@ -283,3 +283,25 @@ def test_evaluate_keys_leave_out_what_a_mode_does_not_read():
         assert stride["evaluate"][point]["standard"] == modes["standard"]
         assert stride["evaluate"][point]["sliding"] != modes["sliding"]
         assert ogd_lr["evaluate"][point] == modes and lora["evaluate"][point] == modes
+
+
+def test_settings_of_a_technique_that_is_off_do_not_retrain():
+    base = plan_after(lambda cfg: None)
+    for change in (lambda t: t["ema"].update(decay=0.9), lambda t: t["qna"].update(bits=4),
+                   lambda t: t["sqwa"].update(every=7), lambda t: t["replay"].update(batches=3),
+                   lambda t: t.update(gptq_reserve_seconds=12)):
+        assert plan_after(lambda cfg: change(cfg["defaults"]["train"]))["train"] == base["train"]
+    assert plan_after(lambda cfg: cfg["defaults"]["train"]["ema"].update(enabled=True))["train"] != base["train"]
+
+
+def test_settings_of_a_quantize_option_not_in_use_do_not_requantize():
+    base = plan_after(lambda cfg: None)  # baseline: rtn, percentile clip, dense, no LQER, train calibration
+    for change in (lambda q: q["gptq"].update(damp=0.1), lambda q: q["clip_sigmas"].update(mlp=3.0),
+                   lambda q: q["storage"]["freeze_dry"].update(tau=0.5), lambda q: q["lqer"].update(top_k=1),
+                   lambda q: q["calibration"].update(temperature=0.1), lambda q: q["size_target"].update(bytes=5)):
+        assert plan_after(lambda cfg: change(cfg["defaults"]["quantize"]))["quantize"] == base["quantize"]
+    used = plan_after(lambda cfg: cfg["defaults"]["quantize"].update(clip_percentile=99.0))
+    assert used["quantize"] != base["quantize"]
+    gptq = plan_after(lambda cfg: cfg["arms"]["baseline"].update(quantize={"method": "gptq", "gptq": {"damp": 0.1}}))
+    assert gptq["quantize"] != plan_after(lambda cfg: cfg["arms"]["baseline"].update(
+        quantize={"method": "gptq"}))["quantize"]

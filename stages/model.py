@@ -422,6 +422,14 @@ def cast_to_training_dtypes(model: GPT) -> GPT:
     return model
 
 
+def non_finite(state: dict) -> tuple[str, int] | None:
+    """(name, count) of the first tensor holding NaN or inf values, or None."""
+    for name, w in state.items():
+        if count := int((~torch.isfinite(w)).sum()):
+            return name, count
+    return None
+
+
 def load_checkpoint(path) -> GPT:
     """The GPT of a train checkpoint (model.pt: state dict and model config), on the CPU, in eval mode; a
     truncated or corrupt file is an error naming it."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from stages import gptq, pack, rowquant, storage
 from stages.io import verify_recorded, write_bytes, write_json
-from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint
+from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite
 from stages.shards import load_tokens, manifest_shards
 
 
@@ -113,14 +113,6 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 def worst_tensor(reports: list[dict]) -> dict:
     """The report of the largest relative error, a NaN one above all (max() compares NaN as never larger)."""
     return max(reports, key=lambda r: math.inf if math.isnan(r["rel_error"]) else r["rel_error"])
-
-
-def non_finite(state: dict) -> tuple[str, int] | None:
-    """(name, count) of the first tensor holding NaN or inf values, or None."""
-    for name, w in state.items():
-        if count := int((~torch.isfinite(w)).sum()):
-            return name, count
-    return None
 
 
 def check_finite_weights(state: dict, checkpoint) -> None:

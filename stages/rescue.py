@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from stages import pack, quantize, rowquant
 from stages.io import verify_recorded, write_bytes, write_json
-from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint
+from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite
 from stages.shards import load_tokens, manifest_shards
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,7 +94,7 @@ def distill(student, teacher, params, batches, steps: int, lr: float, temperatur
 
 def check_finite(tensors: dict, key: str, fit: dict) -> None:
     """A fit that diverged (NaN or inf in what it trained) is an error, not a rescued artifact."""
-    if found := quantize.non_finite(tensors):
+    if found := non_finite(tensors):
         what, count = found
         raise quantize.QuantizationError(f"{key}: {what} has {count} non-finite values after distillation (KL "
                                          f"{fit['first_kl']:.4g} -> {fit['last_kl']:.4g}): the fit diverged; lower "

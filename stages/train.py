@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from stages import techniques
 from stages.curriculum import load_sampler
 from stages.io import IntegrityError, read_json, save_torch, sha256_file, write_json, write_text
-from stages.model import GPT, GPTConfig, cast_to_training_dtypes, param_groups
+from stages.model import GPT, GPTConfig, cast_to_training_dtypes, non_finite, param_groups
 from stages.muon import Muon
 from stages.shards import manifest_shards, read_header, read_shard
 
@@ -195,7 +195,7 @@ class Trainer:
         net = self.ddp or self.model
         self.step_model = torch.compile(net) if cfg["compile"] else net
         self.optimizers = build_optimizers(self.model, cfg["optimizer"], fused=self.device.type == "cuda")
-        paths = manifest_shards(manifest, "train")
+        paths = manifest_shards(manifest, "train", verify=self.rank == 0)  # once, not once per rank
         sampler, tokens = None, None
         if curriculum_cfg["enabled"]:
             sampler = load_sampler(curriculum_path, curriculum_summary, curriculum_cfg["floor"], seed)
@@ -424,10 +424,8 @@ class Trainer:
     def check_learned(self, state: dict):
         """A model with non-finite weights, or whose final loss is within 0.1 nats of ln(vocab) (it learned
         nothing), is an error, not a result."""
-        for name, w in state.items():
-            if not torch.isfinite(w).all():
-                raise FloatingPointError(f"train: exported weight {name} has {int((~torch.isfinite(w)).sum())} "
-                                         "non-finite values")
+        if found := non_finite(state):
+            raise FloatingPointError(f"train: exported weight {found[0]} has {found[1]} non-finite values")
         uniform = math.log(self.model.config.vocab_size)
         final = self.metrics[-1]["loss"] if self.metrics else None
         if final is not None and final > uniform - 0.1:

@@ -20,7 +20,6 @@ rule aggregate:
     params:
         runs=json.dumps(RUNS, sort_keys=True),
         report=json.dumps(config["report"], sort_keys=True),
-        # what differs between arms; derived (takes output): a run setting alone (log_every) reruns nothing
         arms=json.dumps({"defaults": config["defaults"], "arms": config["arms"]}, sort_keys=True),  # what differs
     log:
         "logs/aggregate.log",

@@ -36,8 +36,8 @@ EVAL_KEYS = ("point", "mode", "tokens", "bytes", "raw_bytes", "loss_nats", "val_
 TRAIN_KEYS = ("steps", "train_seconds")
 QUANT_KEYS = ("total_bytes",)
 COLUMNS = ["arm", "source", "seed", "point", "mode", "tokens", "bytes", "raw_bytes", "loss_nats", "val_bpb",
-           "seconds", "budget_seconds", "train_steps", "train_seconds", "artifact_bytes"]
-CURVE_COLUMNS = ["arm", "source", "seed", "step", "loss", "ms"]
+           "seconds", "budget_seconds", "train_steps", "train_seconds", "artifact_bytes", "eval_file"]
+CURVE_COLUMNS = ["run", "source", "seed", "step", "loss", "ms"]
 STEP_NAMES = {"quant": "quantization", "rescue": "rescue", "sliding": "sliding window", "ttt": "test-time training"}
 
 
@@ -76,7 +76,8 @@ def run_row(i, rec) -> dict:
     budget = rec.get("budget_seconds") or None  # the arm's evaluate.budget_seconds, judged here
     return {"arm": str(rec["arm"]), "source": "caddie", "seed": int(rec["seed"]), "point": rec["point"],
             "mode": rec["mode"], **{k: ev[k] for k in EVAL_KEYS[2:]}, "budget_seconds": budget,
-            "train_steps": tr["steps"], "train_seconds": tr["train_seconds"], "artifact_bytes": artifact}
+            "train_steps": tr["steps"], "train_seconds": tr["train_seconds"], "artifact_bytes": artifact,
+            "eval_file": rec["eval"]}
 
 
 def results_table(rows) -> pd.DataFrame:
@@ -101,37 +102,61 @@ def load_results(runs, published=()) -> pd.DataFrame:
     return results_table([run_row(i, rec) for i, rec in enumerate(runs)] + records.results_rows(published))
 
 
-def load_curves(runs, published=()) -> pd.DataFrame:
-    """Training loss against step and time: one curve per (arm, seed) from metrics.jsonl, and the
-    published logs' step lines."""
-    rows = []
+def training_runs(runs) -> dict:
+    """{train_metrics path: the arms that share that training run}, in the runs' order."""
+    out = {}
     for rec in runs:
-        if not rec.get("train_metrics"):
-            continue
+        if rec.get("train_metrics"):
+            arms = out.setdefault(rec["train_metrics"], [])
+            if str(rec["arm"]) not in arms:
+                arms.append(str(rec["arm"]))
+    return out
+
+
+def load_curves(runs, published=()) -> pd.DataFrame:
+    """Training loss against step and time: one curve per distinct training run and seed from its
+    metrics.jsonl (`run` names the arms that share it), and the published logs' step lines."""
+    rows = []
+    seeds = {rec["train_metrics"]: int(rec["seed"]) for rec in runs if rec.get("train_metrics")}
+    for path, arms in training_runs(runs).items():
         try:
-            lines = Path(rec["train_metrics"]).read_text().splitlines()
+            lines = Path(path).read_text().splitlines()
         except OSError as e:
-            raise ValueError(f"{rec['train_metrics']}: cannot read ({e})") from e
+            raise ValueError(f"{path}: cannot read ({e})") from e
         for n, line in enumerate(lines, 1):
             try:
                 m = json.loads(line)
-                rows.append((rec["arm"], "caddie", int(rec["seed"]), m["step"], m["loss"], m["ms"]))
+                rows.append((", ".join(arms), "caddie", seeds[path], m["step"], m["loss"], m["ms"]))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{rec['train_metrics']}:{n}: not a metrics record ({e})") from e
+                raise ValueError(f"{path}:{n}: not a metrics record ({e})") from e
     for path in published:
         log = records.parse_log(path)
         rows += [(log["record"], "published", log["seed"], c["step"], c["train_loss"], c["train_time_ms"])
                  for c in log["curve"]]
-    return pd.DataFrame(rows, columns=CURVE_COLUMNS).drop_duplicates(["arm", "seed", "step"])
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS).drop_duplicates(["run", "seed", "step"])
+
+
+def sharing(df) -> dict:
+    """{(arm, point, mode): the arms whose evals there are the same files for every seed}: rows identical
+    by construction, e.g. the prequant point of arms that share a training run."""
+    signature = {}
+    for (arm, point, mode), g in df[df["eval_file"].notna()].groupby(["arm", "point", "mode"], sort=False):
+        signature[(arm, point, mode)] = (point, mode, frozenset(zip(g["seed"], g["eval_file"])))
+    by_signature = {}
+    for key, sig in signature.items():
+        by_signature.setdefault(sig, []).append(key[0])
+    return {key: by_signature[sig] for key, sig in signature.items()}
 
 
 def group_stats(df, confidence):
-    """groups[arm][point][mode] = summary of val_bpb over seeds."""
-    groups = {}
+    """groups[arm][point][mode] = summary of val_bpb over seeds; `shared_by` lists the arms whose evals
+    there are the same files (the arm alone when none shares them)."""
+    groups, shared = {}, sharing(df)
     for (arm, point, mode), g in df.groupby(["arm", "point", "mode"], sort=False):
         s = summarize(g["val_bpb"], confidence)
         s["confidence"] = confidence
         s["values"] = {str(k): float(v) for k, v in zip(g["seed"], g["val_bpb"])}
+        s["shared_by"] = shared.get((arm, point, mode), [arm])
         groups.setdefault(arm, {}).setdefault(point, {})[mode] = s
     return groups
 
@@ -185,8 +210,9 @@ def decomposition(df) -> dict:
 
 def step_stats(df, before, after):
     """[arm][mode]: after − before val_bpb per seed (e.g. quant − prequant, the quantization gap),
-    with a paired t-test, and the artifact bytes the step adds where both points are artifacts."""
-    result = {}
+    with a paired t-test, and the artifact bytes the step adds where both points are artifacts.
+    `shared_by`: the arms for which both points are the same files (the same step by construction)."""
+    result, shared = {}, sharing(df)
     for (arm, mode), g in df.groupby(["arm", "mode"], sort=False):
         wide = g.pivot(index="seed", columns="point", values="val_bpb")
         if not {before, after} <= set(wide.columns) or not (step := paired_step(wide, before, after)):
@@ -196,6 +222,8 @@ def step_stats(df, before, after):
             added = (sizes[after] - sizes[before]).dropna()
             step["bytes_added"] = float(added.mean()) if len(added) else None
         step["gaps"] = step.pop("deltas")
+        both = [set(shared.get((arm, p, mode), [arm])) for p in (before, after)]
+        step["shared_by"] = [a for a in shared.get((arm, before, mode), [arm]) if a in both[1]]
         result.setdefault(arm, {})[mode] = step
     return result
 

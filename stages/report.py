@@ -20,10 +20,12 @@ FIGURES = {"forest": "figures/forest.png", "val_bpb_by_point": "figures/val_bpb_
            "eval_seconds": "figures/eval_seconds.png"}
 CAPTIONS = {"forest": "Forest plot: each arm's score minus the baseline arm's score (bpb) with its interval; "
                       "the zero line and the 0.005-nat margin (left of it: beats the baseline by the margin)",
-            "val_bpb_by_point": "val_bpb per seed at each point, one panel per eval mode (caddie's arms)",
+            "val_bpb_by_point": "val_bpb per seed at each point, one panel per eval mode (caddie's arms); "
+                                "an eval that several arms share is one row",
             "waterfall": "Damage-gap waterfall: mean change at each step of the decomposition; "
                          "thin lines are the seeds",
-            "train_loss": "Training loss against step and against training time, per arm and seed",
+            "train_loss": "Training loss against step and against training time, one row per distinct "
+                          "training run (arms that share one are named together), a line per seed",
             "eval_seconds": "Eval seconds per seed against the eval budget"}
 
 
@@ -224,19 +226,30 @@ def decomposition_sections(stats):
     return out
 
 
+def _first_sharer(arm, entry) -> bool:
+    """Whether `arm` is the row of an entry that several arms share (shown once, under all their names)."""
+    return (entry.get("shared_by") or [arm])[0] == arm
+
+
+def _arms_cell(arm, entry):
+    return ", ".join(entry.get("shared_by") or [arm])
+
+
 def group_section(stats):
     conf = f"{stats['confidence']:.0%}"
-    rows = [(a, p, m, s["n"], _pm(s), "–" if s["ci_low"] is None else f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}]")
-            for a, p, m, s in _leaves(stats["groups"], 3)]
+    rows = [(_arms_cell(a, s), p, m, s["n"], _pm(s),
+             "–" if s["ci_low"] is None else f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}]")
+            for a, p, m, s in _leaves(stats["groups"], 3) if _first_sharer(a, s)]
     return section("val_bpb by group", ["arm", "point", "mode", "n", "mean ± std", f"{conf} CI"], rows,
-                   text=[f"Intervals are {conf} t-intervals over seeds (sample std, ddof = 1)."])
+                   text=[f"Intervals are {conf} t-intervals over seeds (sample std, ddof = 1). An eval that "
+                         "several arms share (the same files) is one row naming them all."])
 
 
 def step_sections(stats):
     def rows(name):
-        return [(a, m, q["n"], _pm(q), _f(q["t"], ".2f"), _f(q["df"], "d"), _p(q["p_two_sided"]),
+        return [(_arms_cell(a, q), m, q["n"], _pm(q), _f(q["t"], ".2f"), _f(q["df"], "d"), _p(q["p_two_sided"]),
                  _p(q["p_one_sided_greater"]), _f(q.get("bytes_added"), "+,.0f"))
-                for a, m, q in _leaves(stats[name], 2)]
+                for a, m, q in _leaves(stats[name], 2) if _first_sharer(a, q)]
     header = ["arm", "mode", "n", "mean Δ ± std", "t", "df", "p (two-sided)", "p (Δ > 0)", "bytes added"]
     out = [section("Quantization gap (quant − prequant, paired by seed)", header, rows("quant_gap"))]
     if stats["rescue_gain"]:
@@ -319,19 +332,20 @@ def _save(fig, path):
     plt.close(fig)
 
 
-def _seed_colours(seeds):
-    return {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sorted(set(seeds)))}
+def seed_colours(*frames) -> dict:
+    """{seed: colour}, one map for every figure, so a seed has the same colour everywhere."""
+    seeds = sorted({int(s) for f in frames for s in f["seed"]})
+    cmap = plt.get_cmap("tab10" if len(seeds) <= 10 else "tab20")
+    return {s: cmap(i % cmap.N) for i, s in enumerate(seeds)}
 
 
-def _seed_legend(ax, colours, extra=()):
-    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=f"seed {s}") for s, c in colours.items()]
-    ax.legend(handles=handles + list(extra), fontsize=7, loc="best")
+def _seed_handles(colours, seeds=None):
+    return [plt.Line2D([], [], marker="o", ls="", color=c, label=f"seed {s}")
+            for s, c in colours.items() if seeds is None or s in seeds]
 
 
-def _dots(ax, x, seeds, values, colours, spread=0.12):
-    jitter = np.linspace(-spread, spread, len(values)) if len(values) > 1 else [0.0]
-    for dx, seed, v in zip(jitter, seeds, values):
-        ax.scatter(x + dx, v, color=colours[seed], s=25, zorder=3)
+def _legend_right(ax, handles):
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _empty(ax, message):
@@ -339,36 +353,69 @@ def _empty(ax, message):
     ax.set_axis_off()
 
 
-def plot_val_bpb_by_point(df, path):
-    df = df[df["source"] == "caddie"]
-    modes = [m for m in MODES if m in set(df["mode"])]
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
-    colours = _seed_colours(df["seed"])
-    present = set(zip(df["arm"], df["point"]))
-    slots = [(a, p) for a in sorted(df["arm"].unique()) for p in POINTS if (a, p) in present]
-    for ax, mode in zip(axes[0], modes):
-        for x, (arm, point) in enumerate(slots):
-            g = df[(df["arm"] == arm) & (df["point"] == point) & (df["mode"] == mode)]
-            if len(g):
-                _dots(ax, x, g["seed"], g["val_bpb"], colours)
-                ax.hlines(g["val_bpb"].mean(), x - 0.25, x + 0.25, color="black", lw=2, zorder=2)
-        ax.set(title=f"mode: {mode}", ylabel="val_bpb", xlim=(-0.5, len(slots) - 0.5))
-        ax.set_xticks(range(len(slots)), [f"{a}\n{p}" for a, p in slots], fontsize=7)
-        ax.grid(axis="y", alpha=0.3)
-    _seed_legend(axes[0][-1], colours, [plt.Line2D([], [], color="black", lw=2, label="mean")])
+def arms_label(arms, most=1) -> str:
+    """The arms a row stands for, short: 'a +9 more' when many arms share it."""
+    return ", ".join(arms[:most]) + (f" +{len(arms) - most} more" if len(arms) > most else "")
+
+
+def eval_slots(stats, mode, sources=("caddie",)) -> list[tuple[str, str, list[str]]]:
+    """[(first arm, point, arms)] of the evals at `mode`, in headline order; evals that several arms share
+    (the same files, e.g. the prequant point of one training run) appear once."""
+    slots, seen, order = [], set(), headline_order(stats)
+    for arm in order:
+        if stats["scores"][arm]["source"] not in sources:
+            continue
+        for point in POINTS:
+            g = stats["groups"].get(arm, {}).get(point, {}).get(mode)
+            if g is None:
+                continue
+            arms = sorted(g.get("shared_by") or [arm], key=order.index)
+            if (point, *arms) not in seen:
+                seen.add((point, *arms))
+                slots.append((arm, point, arms))
+    return slots
+
+
+def _strip(ax, y, values, colours, spread=0.15):
+    """Per-seed dots on row y (jittered up and down), and their mean as a black bar."""
+    seeds = list(values)
+    jitter = np.linspace(-spread, spread, len(seeds)) if len(seeds) > 1 else [0.0]
+    for dy, seed in zip(jitter, seeds):
+        ax.scatter(values[seed], y + dy, color=colours[int(seed)], s=22, zorder=3)
+    ax.plot([np.mean(list(values.values()))] * 2, [y - 0.3, y + 0.3], color="black", lw=2, zorder=2)
+
+
+def figure_val_bpb_by_point(stats, colours):
+    """One panel per eval mode, stacked; a row per (arm, point), each shared eval once."""
+    modes = [m for m in MODES if eval_slots(stats, m)]
+    slots = {m: eval_slots(stats, m) for m in modes}
+    heights = [max(len(slots[m]), 1) for m in modes] or [1]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9, 1.2 * len(heights) + 0.32 * sum(heights)),
+                             squeeze=False, gridspec_kw={"height_ratios": heights})
+    if not modes:
+        _empty(axes[0][0], "no caddie evaluations")
+        return fig
+    for ax, mode in zip(axes[:, 0], modes):
+        for y, (arm, point, arms) in enumerate(slots[mode]):
+            _strip(ax, y, stats["groups"][arm][point][mode]["values"], colours)
+        ax.set_yticks(range(len(slots[mode])), [f"{arms_label(arms)} · {point}" for _, point, arms in slots[mode]],
+                      fontsize=8)
+        ax.set_ylim(len(slots[mode]) - 0.5, -0.5)
+        ax.set(title=f"mode: {mode}", xlabel="val_bpb (bits per byte)")
+        ax.grid(axis="x", alpha=0.3)
+    _legend_right(axes[0][0], _seed_handles(colours) + [plt.Line2D([], [], color="black", lw=2, label="mean")])
     fig.tight_layout()
-    _save(fig, path)
+    return fig
 
 
-def plot_forest(stats, path):
+def figure_forest(stats):
     """Each arm's Δ vs the baseline arm with its interval, coloured by verdict; the zero line and the
     0.005-nat margin (to its left an arm beats the baseline by the margin)."""
     comps = stats["vs_baseline"]
-    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.45 * max(len(comps), 1)))
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.4 * max(len(comps), 1)))
     if not comps:
         _empty(ax, "no arm to compare with the baseline")
-        _save(fig, path)
-        return
+        return fig
     colours = {"better": "seagreen", "worse": "indianred", "no difference": "gray", "untested": "gray"}
     arms = list(comps)
     for y, arm in enumerate(arms):
@@ -380,22 +427,21 @@ def plot_forest(stats, path):
     ax.axvline(0, color="black", lw=1, label="no change")
     ax.axvline(-margin, color="black", ls="--", lw=1, label=f"−0.005 nats ({margin:.5f} bpb)")
     ax.set_yticks(range(len(arms)), [f"{a} ({comps[a]['test']})" for a in arms], fontsize=8)
-    ax.set(xlabel=f"Δ val_bpb vs {stats['baseline_arm']} (bpb; {stats['confidence']:.0%} interval)",
+    ax.set(xlabel=f"Δ val_bpb vs {stats['baseline_arm']} (bits per byte; {stats['confidence']:.0%} interval)",
            title="Δ vs the baseline arm (negative = better)")
     handles = [plt.Line2D([], [], color=c, marker="o", lw=2, label=v) for v, c in colours.items()
                if v != "untested" and any(x["verdict"] == v for x in comps.values())]
     ax.set_ylim(len(arms) - 0.4, -0.6)
-    ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0))
+    _legend_right(ax, handles + ax.get_legend_handles_labels()[0])
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    return fig
 
 
-def plot_waterfall(stats, path):
+def figure_waterfall(stats, colours):
     """Per arm: a bar from the chain's first mean, then each step's mean change floating on the
     running level (red = worse, green = better), the seeds' own paths drawn over it."""
-    arms = [a for a, d in stats["decomposition"].items() if len(d["chain"]) >= 2]
+    arms = [a for a in headline_order(stats) if len(stats["decomposition"].get(a, {}).get("chain", [])) >= 2]
     cols = min(3, max(len(arms), 1))
     rows = max(1, -(-len(arms) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
@@ -405,7 +451,6 @@ def plot_waterfall(stats, path):
     for ax, arm in zip(flat, arms):
         d = stats["decomposition"][arm]
         seeds = {s: np.array([np.nan if v is None else v for v in vals], float) for s, vals in d["values"].items()}
-        colours = _seed_colours(seeds)
         means = np.nanmean(np.stack(list(seeds.values())), axis=0)
         lo = np.nanmin(np.stack(list(seeds.values())))
         hi = np.nanmax(np.stack(list(seeds.values())))
@@ -415,67 +460,94 @@ def plot_waterfall(stats, path):
             delta = means[i] - means[i - 1]
             ax.bar(i, delta, bottom=means[i - 1], width=0.6, color="indianred" if delta > 0 else "seagreen")
         for s, vals in seeds.items():
-            ax.plot(range(len(vals)), vals, color=colours[s], lw=0.8, marker=".", alpha=0.8)
+            ax.plot(range(len(vals)), vals, color=colours[int(s)], lw=0.8, marker=".", alpha=0.8)
         ax.set_xticks(range(len(d["chain"])), [c.replace("/", "\n") for c in d["chain"]], fontsize=7)
-        ax.set(title=arm, ylabel="val_bpb", ylim=(lo - pad, hi + pad))
+        ax.set(title=arm, ylabel="val_bpb (bits per byte)", ylim=(lo - pad, hi + pad))
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
+    if arms:
+        bars = [plt.Rectangle((0, 0), 1, 1, color=c, label=label) for c, label in
+                (("lightsteelblue", "first point (mean)"), ("indianred", "step worsens"),
+                 ("seagreen", "step improves"))]
+        seeds = {int(s) for a in arms for s in stats["decomposition"][a]["values"]}
+        fig.legend(handles=bars + _seed_handles(colours, seeds), fontsize=7, loc="upper center",
+                   ncol=len(bars) + len(seeds), bbox_to_anchor=(0.5, 1.0), frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.6 * rows)))
+    return fig
 
 
-def plot_train_loss(curves, path):
-    sources = [s for s in ("caddie", "published") if s in set(curves["source"])]
-    fig, axes = plt.subplots(max(len(sources), 1), 2, figsize=(11, 3.8 * max(len(sources), 1)), squeeze=False)
-    if not sources:
-        _empty(axes[0][0], "no training metrics")
-        _empty(axes[0][1], "")
-    for (ax_step, ax_time), source in zip(axes, sources):
-        c = curves[curves["source"] == source]
-        for (arm, seed), g in c.groupby(["arm", "seed"]):
+def figure_train_loss(curves, colours):
+    """One row per distinct training run (the arms that share it named once) and per published record:
+    loss against step and against training time, a line per seed."""
+    runs = list(dict.fromkeys(zip(curves["source"], curves["run"])))
+    fig = plt.figure(figsize=(11, 0.4 + 2.8 * max(len(runs), 1)), layout="constrained")
+    if not runs:
+        _empty(fig.add_subplot(), "no training metrics")
+        return fig
+    for row, (source, run) in zip(np.atleast_1d(fig.subfigures(len(runs), 1)), runs):
+        ax_step, ax_time = row.subplots(1, 2)
+        c = curves[(curves["source"] == source) & (curves["run"] == run)]
+        for seed, g in c.groupby("seed"):
             g = g.sort_values("step")
-            ax_step.plot(g["step"], g["loss"], lw=0.9, label=f"{arm} seed {seed}")
-            ax_time.plot(g["ms"] / 1000, g["loss"], lw=0.9, label=f"{arm} seed {seed}")
-        ax_step.set(xlabel="step", ylabel="train loss", title=f"{source}: loss vs step")
-        ax_time.set(xlabel="training time (s)", ylabel="train loss", title=f"{source}: loss vs time")
+            ax_step.plot(g["step"], g["loss"], lw=0.9, color=colours[int(seed)])
+            ax_time.plot(g["ms"] / 1000, g["loss"], lw=0.9, color=colours[int(seed)])
+        row.suptitle(f"published: {run}" if source == "published" else
+                     f"training run of arms: {arms_label(run.split(', '), 6)}", fontsize=9)
+        ax_step.set(xlabel="step", ylabel="train loss (nats per token)", title="loss vs step")
+        ax_time.set(xlabel="training time (s)", ylabel="train loss (nats per token)", title="loss vs time")
         for ax in (ax_step, ax_time):
+            ax.title.set_fontsize(8)
             ax.grid(alpha=0.3)
-        ax_time.legend(fontsize=6, loc="upper right")
-    fig.tight_layout()
-    _save(fig, path)
+        _legend_right(ax_time, _seed_handles(colours, {int(s) for s in c["seed"]}))
+    return fig
 
 
-def plot_eval_seconds(df, path):
+def figure_eval_seconds(stats, df, colours):
+    """A row per eval (each shared eval once), seconds per seed against the eval budget."""
     df = df[df["seconds"].notna()]
-    slots = list(dict.fromkeys(zip(df["arm"], df["point"], df["mode"])))
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(slots) + 2), 4))
+    slots = [(arm, point, mode, arms) for mode in MODES
+             for arm, point, arms in eval_slots(stats, mode, sources=("caddie", "published"))
+             if ((df["arm"] == arm) & (df["point"] == point) & (df["mode"] == mode)).any()]
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.32 * max(len(slots), 1)))
     if not slots:
         _empty(ax, "no eval seconds")
-    colours = _seed_colours(df["seed"])
-    budgets = sorted(set(df["budget_seconds"].dropna()))
-    for x, (arm, point, mode) in enumerate(slots):
+        return fig
+    for y, (arm, point, mode, _) in enumerate(slots):
         g = df[(df["arm"] == arm) & (df["point"] == point) & (df["mode"] == mode)]
         budget = g["budget_seconds"].max()
         over = bool(budget == budget and (g["seconds"] > budget).any())  # NaN budget: none
-        ax.bar(x, g["seconds"].mean(), width=0.6, color="indianred" if over else "lightgray", edgecolor="gray")
-        _dots(ax, x, g["seed"], g["seconds"], colours)
+        ax.barh(y, g["seconds"].mean(), height=0.6, color="indianred" if over else "lightgray", edgecolor="gray")
+        _strip(ax, y, dict(zip(g["seed"], g["seconds"])), colours)
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="gray", label=label)
+               for c, label in (("lightgray", "mean"), ("indianred", "mean, a seed over budget"))]
+    handles += _seed_handles(colours, {int(s) for s in df["seed"]})
+    budgets = sorted(set(df["budget_seconds"].dropna()))
     for b in budgets:
-        ax.axhline(b, color="black", ls="--", lw=1)
-        ax.text(len(slots) - 0.5, b, f" budget {b:g} s", va="bottom", ha="right", fontsize=7)
-    if slots:
-        ax.set_xticks(range(len(slots)), [f"{a}\n{p}/{m}" for a, p, m in slots], fontsize=6, rotation=90)
-        _seed_legend(ax, colours)
-    ax.set(ylabel="eval seconds", title="eval seconds per seed (red: over budget)")
-    ax.grid(axis="y", alpha=0.3)
+        handles.append(ax.axvline(b, color="black", ls="--", lw=1, label=f"budget {b:g} s"))
+    ax.set_yticks(range(len(slots)), [f"{arms_label(arms)} · {p}/{m}" for _, p, m, arms in slots], fontsize=8)
+    ax.set_ylim(len(slots) - 0.5, -0.5)
+    longest = df["seconds"].max()
+    if budgets and longest > 0 and max(budgets) / longest > 10:  # else the seconds all sit at the zero line
+        ax.set_xscale("log")
+        ax.set_xlim(df.loc[df["seconds"] > 0, "seconds"].min() / 2, max(budgets) * 1.5)
+    ax.set(xlabel=f"eval seconds (s{', log scale' if ax.get_xscale() == 'log' else ''})",
+           title="eval seconds per seed")
+    ax.grid(axis="x", alpha=0.3)
+    _legend_right(ax, handles)
     fig.tight_layout()
-    _save(fig, path)
+    return fig
+
+
+def figures(stats, df, curves) -> dict:
+    """{name: matplotlib figure} of every figure in FIGURES, with one seed colour map for all."""
+    colours = seed_colours(df, curves)
+    return {"forest": figure_forest(stats), "val_bpb_by_point": figure_val_bpb_by_point(stats, colours),
+            "waterfall": figure_waterfall(stats, colours), "train_loss": figure_train_loss(curves, colours),
+            "eval_seconds": figure_eval_seconds(stats, df, colours)}
 
 
 def write_reports(stats, df, curves, out: Path):
-    plot_forest(stats, out / FIGURES["forest"])
-    plot_val_bpb_by_point(df, out / FIGURES["val_bpb_by_point"])
-    plot_waterfall(stats, out / FIGURES["waterfall"])
-    plot_train_loss(curves, out / FIGURES["train_loss"])
-    plot_eval_seconds(df, out / FIGURES["eval_seconds"])
+    for name, fig in figures(stats, df, curves).items():
+        _save(fig, out / FIGURES[name])
     sections = report_sections(stats)
     write_text(out / "report.md", render_markdown(sections, FIGURES))
     write_text(out / "report.html", render_html(sections, FIGURES, out))

@@ -87,6 +87,47 @@ def load_tokens(paths, vocab_size: int | None = None) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
+class ShardSet:
+    """A split's shards as read-only memmaps, addressed by (shard, offset): nothing is concatenated, so
+    memory does not grow with the split (only the pages a window touches are read)."""
+
+    def __init__(self, paths, vocab_size: int | None = None):
+        self.paths = [Path(p) for p in paths]
+        self.shards = [read_shard(p, vocab_size) for p in self.paths]
+        self.lengths = np.array([len(t) for t in self.shards], dtype=np.int64)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def window_counts(self, length: int) -> np.ndarray:
+        """How many start offsets each shard has for a window of `length` tokens inside it."""
+        return np.maximum(self.lengths - length + 1, 0)
+
+    def random_windows(self, rng: np.random.Generator, count: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard ids, offsets) of `count` windows of `length` tokens, uniform over every start offset of
+        every shard (a window never crosses a shard boundary)."""
+        counts = self.window_counts(length)
+        total = int(counts.sum())
+        if total <= 0:
+            raise ValueError(f"no shard of {[str(p) for p in self.paths]} holds a window of {length} tokens")
+        flat = rng.integers(0, total, size=count)
+        ends = np.cumsum(counts)
+        shard = np.searchsorted(ends, flat, side="right")
+        return shard, flat - (ends[shard] - counts[shard])
+
+    def read(self, shard: np.ndarray, offset: np.ndarray, length: int) -> np.ndarray:
+        """The windows tokens[shard][offset : offset + length] as one int64 array [n, length], gathered
+        shard by shard (a loop over shards, not over windows)."""
+        shard, offset = np.asarray(shard), np.asarray(offset, dtype=np.int64)
+        out = np.empty((len(shard), length), dtype=np.int64)
+        span = np.arange(length, dtype=np.int64)
+        for s in np.unique(shard):
+            rows = np.flatnonzero(shard == s)
+            out[rows] = self.shards[s][offset[rows, None] + span]
+        return out
+
+
 def check_splits_apart(shards: list[dict], manifest_path) -> None:
     """Val never doubles as train: each shard is named for its split, listed once, and no train shard has
     the bytes of a val shard."""

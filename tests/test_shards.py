@@ -292,3 +292,21 @@ def test_a_manifest_that_lists_val_as_train_is_refused(tmp_path, edit, message):
     manifest.write_text(json.dumps({"shards": shards}))
     with pytest.raises(ShardError, match=message):
         manifest_shards(manifest, "train")
+
+
+def test_shard_set_reads_windows_by_shard_and_offset_without_crossing_shards(tmp_path):
+    from stages.shards import ShardSet
+    a, b = np.arange(0, 10, dtype=np.uint16), np.arange(100, 104, dtype=np.uint16)
+    write_shard(tmp_path / "a.bin", a)
+    write_shard(tmp_path / "b.bin", b)
+    write_shard(tmp_path / "empty.bin", np.zeros(0, dtype=np.uint16))
+    shards = ShardSet([tmp_path / "a.bin", tmp_path / "empty.bin", tmp_path / "b.bin"])
+    assert shards.num_tokens == 14
+    assert shards.window_counts(5).tolist() == [6, 0, 0]
+    assert shards.read([2, 0, 0], [1, 3, 0], 3).tolist() == [[101, 102, 103], [3, 4, 5], [0, 1, 2]]
+    shard, offset = shards.random_windows(np.random.default_rng(0), 2000, 4)
+    assert set(shard.tolist()) == {0, 2}  # never the empty shard
+    assert ((offset >= 0) & (offset + 4 <= shards.lengths[shard])).all()
+    assert sorted(set(zip(shard.tolist(), offset.tolist()))) == [(0, o) for o in range(7)] + [(2, 0)]
+    with pytest.raises(ValueError, match="window of 11 tokens"):
+        shards.random_windows(np.random.default_rng(0), 1, 11)

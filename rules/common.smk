@@ -6,6 +6,7 @@ import re
 import sys
 
 from stages import config as caddie
+from stages.io import write_json
 
 caddie.validate(config, source=", ".join(map(str, workflow.configfiles)) or "config")
 PLAN = caddie.plan(config)

@@ -1,11 +1,11 @@
 """Aggregate stage: per-seed evaluations (and published logs) -> results.csv, stats.json and the reports.
 
-    python -m stages.aggregate --runs RUNS_JSON --report REPORT_JSON [--arms ARMS_JSON] [--published LOG ...]
-        --out-dir reports
+    python -m stages.aggregate --plan PLAN_JSON [--published LOG ...] --out-dir reports
 
-RUNS_JSON is a list of {arm, seed, point, mode, eval, train_summary, quantize_summary, train_metrics};
-REPORT_JSON is the config's `report` section; ARMS_JSON is {defaults, arms} of the config (for what
-differs between arms). Published logs (the challenge's train logs) join the results table as arms of
+PLAN_JSON is a file (a command line cannot hold the runs of a large study): {"runs": [...], "report":
+{...}, "arms": {...}}. `runs` is a list of {arm, seed, point, mode, eval, train_summary, quantize_summary,
+train_metrics, budget_seconds}; `report` is the config's `report` section; `arms` is {defaults, arms} of
+the config (for what differs between arms; optional). Published logs (the challenge's train logs) join the results table as arms of
 their own, named after their record, so one report compares both.
 
 Each caddie arm's score is compared with the baseline arm's score (paired by seed when both ran the same
@@ -536,21 +536,29 @@ def check_report_config(cfg: dict) -> tuple[str, float, dict | None, dict | None
     return baseline, confidence, reference, frontier
 
 
+def read_plan(path) -> tuple[list, dict, dict | None]:
+    """(runs, report section, {defaults, arms} or None) of a plan file, each checked for its shape."""
+    try:
+        plan = _require(read_json(path), ("runs", "report"), path)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the aggregate plan ({e})") from e
+    runs, report_cfg, arms = plan["runs"], plan["report"], plan.get("arms")
+    if not isinstance(runs, list) or not runs:
+        raise ValueError(f"{path}: 'runs' must be a non-empty list of run records")
+    if not isinstance(report_cfg, dict):
+        raise ValueError(f"{path}: 'report' must be an object (the config's report section)")
+    if arms is not None:
+        _require(arms, ("defaults", "arms"), f"{path}: 'arms'")
+    return runs, report_cfg, arms
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m stages.aggregate", description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", required=True, help="JSON list of run records")
-    ap.add_argument("--report", default="{}", help="JSON: the config's report section")
-    ap.add_argument("--arms", default=None, help="JSON: {defaults, arms} of the config, for what differs")
+    ap.add_argument("--plan", required=True, type=Path, help="JSON file: {runs, report, arms}")
     ap.add_argument("--published", nargs="*", default=[], type=Path, help="published train logs")
     ap.add_argument("--out-dir", default="reports", type=Path)
     args = ap.parse_args(argv)
-    try:
-        runs, report_cfg = json.loads(args.runs), json.loads(args.report)
-        arms_config = json.loads(args.arms) if args.arms else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--runs/--report/--arms: invalid JSON ({e})") from e
-    if not isinstance(runs, list) or not runs:
-        raise ValueError("--runs: expected a non-empty JSON list of run records")
+    runs, report_cfg, arms_config = read_plan(args.plan)
     baseline, confidence, reference, frontier = check_report_config(report_cfg)
 
     df = load_results(runs, args.published)

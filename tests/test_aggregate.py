@@ -36,6 +36,12 @@ def make_run(tmp_path, arm, seed, point, mode, bpb, tokens=TOKENS, nbytes=BYTES,
             "quantize_summary": _write(tmp_path / f"{stem}.quant.json", quant) if point != "prequant" else None}
 
 
+def plan(tmp_path, runs, report_cfg, arms=None):
+    """The aggregate's plan file, as the aggregate_plan rule writes it."""
+    return _write(tmp_path / "plan.json", {"runs": runs, "report": report_cfg,
+                                           **({"arms": arms} if arms else {})})
+
+
 def build_runs(tmp_path, table):
     """table: {(arm, point, mode): [bpb per seed 1..n]}"""
     return [make_run(tmp_path, arm, seed, point, mode, v)
@@ -108,8 +114,8 @@ def test_main_end_to_end(tmp_path):
         table[("noquant", "prequant", mode)] = [1.2 + off]
     runs = build_runs(tmp_path, table)
     out = tmp_path / "reports"
-    rc = agg.main(["--runs", json.dumps(runs), "--report",
-                   json.dumps({"baseline_arm": "baseline", "confidence": 0.95}), "--out-dir", str(out)])
+    rc = agg.main(["--plan", plan(tmp_path, runs, {"baseline_arm": "baseline", "confidence": 0.95}),
+                   "--out-dir", str(out)])
     assert rc == 0
 
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
@@ -208,9 +214,9 @@ def test_published_logs_join_the_results_and_the_report(tmp_path, record_logs):
     runs = build_runs(tmp_path, chain_table())
     logs = sorted(str(p) for p in record_logs.glob("2026-04-27_*.log"))
     out = tmp_path / "reports"
-    agg.main(["--runs", json.dumps(runs), "--report", json.dumps(
-        {"baseline_arm": "baseline", "confidence": 0.95, "reference": {"name": "LQER", "val_bpb": 1.06107587}}),
-        "--published", *logs, "--out-dir", str(out)])
+    agg.main(["--plan", plan(tmp_path, runs, {"baseline_arm": "baseline", "confidence": 0.95,
+                                             "reference": {"name": "LQER", "val_bpb": 1.06107587}}),
+              "--published", *logs, "--out-dir", str(out)])
     stats = json.loads((out / "stats.json").read_text())
     lqer = stats["scores"]["2026-04-27_SP8192_LQER_1.0611"]
     assert lqer["source"] == "published" and (lqer["point"], lqer["mode"]) == ("quant", "ttt")
@@ -232,9 +238,9 @@ def test_report_html_renders_offline_with_every_figure_and_the_stats_numbers(tmp
     table.update({("worse", p, m): [v + 0.01 - j / 4 for v, j in zip(vals, jitter)]
                   for (a, p, m), vals in chain_table().items()})
     out = tmp_path / "reports"
-    agg.main(["--runs", json.dumps(build_runs(tmp_path, table)), "--report",
-              json.dumps({"baseline_arm": "baseline", "confidence": 0.95,
-                          "reference": {"name": "record", "val_bpb": 1.2}}), "--out-dir", str(out)])
+    agg.main(["--plan", plan(tmp_path, build_runs(tmp_path, table),
+                             {"baseline_arm": "baseline", "confidence": 0.95,
+                              "reference": {"name": "record", "val_bpb": 1.2}}), "--out-dir", str(out)])
     stats = json.loads((out / "stats.json").read_text())
     page = browser.render(out / "report.html", chromium)
     assert page["loaded"] and not page["errors"] and page["title"] == "caddie report"
@@ -443,8 +449,8 @@ def test_main_reports_what_differs_between_arms(tmp_path):
     arms = {"defaults": {"quantize": {"bits": 8}, "rescue": {"lcq": {"enabled": False}}},
             "arms": {"baseline": {}, "lcq": {"rescue": {"lcq": {"enabled": True}}}}}
     out = tmp_path / "reports"
-    agg.main(["--runs", json.dumps(runs), "--report", json.dumps({"baseline_arm": "baseline", "confidence": 0.95}),
-              "--arms", json.dumps(arms), "--out-dir", str(out)])
+    agg.main(["--plan", plan(tmp_path, runs, {"baseline_arm": "baseline", "confidence": 0.95}, arms),
+              "--out-dir", str(out)])
     stats = json.loads((out / "stats.json").read_text())
     assert stats["config_differences"]["lcq"]["vs_baseline"] == {"rescue.lcq.enabled": {"value": True,
                                                                                          "baseline": False}}

@@ -43,13 +43,17 @@ def tiny_config() -> dict:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A copy of the workflow (so artifacts land in a temp folder) with a tiny config, run once."""
-    work = tmp_path_factory.mktemp("workflow")
-    for name in ("Snakefile", "rules", "schemas", "stages", "profiles", "presets", "config.yaml"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    work = copy_workflow(tmp_path_factory.mktemp("workflow"))
     write_config(work, tiny_config())
     done = snakemake(work, "--cores", "2")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return work
+
+
+def copy_workflow(work: Path) -> Path:
+    for name in ("Snakefile", "rules", "schemas", "stages", "profiles", "presets", "config.yaml"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
     return work
 
 
@@ -309,3 +313,45 @@ def test_a_trainer_orphaned_by_a_killed_snakemake_blocks_a_second_one_then_resum
         train_log = (run_dir / "train.log").read_text()
         assert train_log.count("# started at step 0") == 1 and "# resumed at step" in train_log
     assert plan == caddie.plan(tiny_config())
+
+
+def fake_results(work, runs):
+    """Synthetic files at every path the aggregate reads (eval results, train and quantize summaries)."""
+    for i, r in enumerate(runs):
+        bpb = 1.2 + 0.001 * (i % 7) + 0.0001 * len(r["arm"]) + (0.01 if r["point"] != "prequant" else 0)
+        files = {r["eval"]: {"point": r["point"], "mode": r["mode"], "tokens": 1000, "bytes": 2400,
+                             "raw_bytes": None, "loss_nats": bpb * 2400 * 0.6931 / 1000, "val_bpb": bpb,
+                             "seconds": 1.0},
+                 r["train_summary"]: {"steps": 20, "train_seconds": 3.0},
+                 r["quantize_summary"]: {"total_bytes": 100_000, "model_bytes": 90_000}}
+        for path, content in files.items():
+            if path:
+                (work / path).parent.mkdir(parents=True, exist_ok=True)
+                (work / path).write_text(json.dumps(content))
+        (work / r["train_metrics"]).write_text(json.dumps({"step": 1, "loss": 5.0, "ms": 10.0}) + "\n")
+
+
+def test_twenty_arms_by_ten_seeds_plan_and_aggregate_through_a_file(tmp_path):
+    """The runs reach the aggregate in a file: on the command line they would pass Linux's 128 KiB limit on
+    one argument ('Argument list too long')."""
+    work = copy_workflow(tmp_path)
+    cfg = tiny_config()
+    cfg["seeds"] = list(range(1, 11))
+    cfg["arms"] = {f"arm-{i}": {"quantize": {"clip_percentile": 99.0 + i / 20}} for i in range(20)}
+    cfg["defaults"]["evaluate"]["modes"] = ["standard", "sliding"]
+    cfg["report"].update(baseline_arm="arm-0", reference=None)
+    write_config(work, cfg)
+    jobs = planned_jobs(work)  # the arms of config.yaml too: --configfile merges into it
+    assert jobs["quantize"] >= 200 and jobs["evaluate"] >= 10 * 2 + 200 * 2 and jobs["aggregate"] == 1
+    only = ["--allowed-rules", "aggregate_plan", "aggregate", "--cores", "1"]
+    done = snakemake(work, *only, "artifacts/aggregate/plan.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads((work / "artifacts/aggregate/plan.json").read_text())
+    ours = [r for r in plan["runs"] if r["arm"].startswith("arm-")]
+    assert len(ours) == 20 * 10 * 4 and len(json.dumps(plan["runs"])) > 128 * 1024
+    fake_results(work, plan["runs"])
+    done = snakemake(work, *only, "reports/stats.json")
+    assert done.returncode == 0, done.stderr[-3000:] + (work / "logs/aggregate.log").read_text()[-3000:]
+    stats = json.loads((work / "reports/stats.json").read_text())
+    assert {f"arm-{i}" for i in range(1, 20)} <= set(stats["vs_baseline"])
+    assert all(c["test"] == "paired t" and c["n"] == 10 for c in stats["vs_baseline"].values())

@@ -128,6 +128,34 @@ class ShardSet:
         return out
 
 
+def document_spans(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the non-empty documents of `tokens`, split at BOS with the BOS left out (tokens
+    before the first BOS are a document too)."""
+    bos = np.flatnonzero(tokens == bos_id)
+    starts = np.concatenate([[0], bos + 1])
+    ends = np.concatenate([bos, [len(tokens)]])
+    keep = ends > starts
+    return starts[keep], ends[keep]
+
+
+def document_chunks(shards: "ShardSet", bos_id: int, chunk_tokens: int = 1 << 23):
+    """Yield (tokens as int64, starts, ends) of whole documents, chunk by chunk through the split's shards
+    in order: a document cut by a chunk or shard boundary is carried whole into the next chunk, so memory is
+    one chunk (plus the longest document), whatever the split's size."""
+    carry = np.zeros(0, dtype=np.int64)
+    for shard in shards.shards:
+        for lo in range(0, len(shard), chunk_tokens):
+            block = np.concatenate([carry, np.asarray(shard[lo:lo + chunk_tokens], dtype=np.int64)])
+            last_bos = np.flatnonzero(block == bos_id)[-1:]
+            if not len(last_bos):
+                carry = block
+                continue
+            whole, carry = block[:last_bos[0]], block[last_bos[0]:]
+            yield whole, *document_spans(whole, bos_id)
+    if len(carry):
+        yield carry, *document_spans(carry, bos_id)
+
+
 def check_splits_apart(shards: list[dict], manifest_path) -> None:
     """Val never doubles as train: each shard is named for its split, listed once, and no train shard has
     the bytes of a val shard."""

@@ -310,3 +310,19 @@ def test_shard_set_reads_windows_by_shard_and_offset_without_crossing_shards(tmp
     assert sorted(set(zip(shard.tolist(), offset.tolist()))) == [(0, o) for o in range(7)] + [(2, 0)]
     with pytest.raises(ValueError, match="window of 11 tokens"):
         shards.random_windows(np.random.default_rng(0), 1, 11)
+
+
+def test_document_chunks_equal_splitting_the_concatenated_split(tmp_path):
+    """Documents cut by chunk and shard boundaries come out whole, as if the shards were concatenated."""
+    from stages.shards import ShardSet, document_chunks, document_spans
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(0, 6, size=n).astype(np.uint16) for n in (37, 1, 0, 50, 23)]  # 1 = BOS, often
+    parts[3][:20] = 4  # a long document across a chunk boundary
+    for i, p in enumerate(parts):
+        write_shard(tmp_path / f"s{i}.bin", p)
+    whole = np.concatenate(parts).astype(np.int64)
+    expected = [whole[a:b].tolist() for a, b in zip(*document_spans(whole, 1))]
+    shards = ShardSet([tmp_path / f"s{i}.bin" for i in range(len(parts))])
+    for chunk in (1, 4, 7, 1000):
+        got = [t[a:b].tolist() for t, starts, ends in document_chunks(shards, 1, chunk) for a, b in zip(starts, ends)]
+        assert got == expected, chunk

@@ -81,3 +81,16 @@ def test_submission_json_has_the_challenge_fields_and_sample_std():
     assert sub["val_bpb_std"] == pytest.approx(np.std([1.20, 1.21, 1.23], ddof=1), abs=1e-8)
     assert sub["seed_results"]["2"]["val_bpb"] == 1.21 and sub["name"] == "arm"
     assert sub["compliance"]["three_seeds"] is True
+
+
+def test_val_overlap_streams_documents_across_shards_and_confirms_matches_by_hash(tmp_path):
+    """A leaked val document cut by a train shard boundary is still found; a train document with the same
+    length, sum and sum of squares but other tokens ([6, 5] against [5, 6]) is not a leak."""
+    tmp_path.mkdir(exist_ok=True)
+    files = {"fineweb_train_000000.bin": [1, 6, 5, 1, 9], "fineweb_train_000001.bin": [9, 3, 1, 2],
+             "fineweb_val_000000.bin": [1, 5, 6, 1, 9, 9, 3, 1, 4]}
+    for name, tokens in files.items():
+        write_shard(tmp_path / name, np.array(tokens, dtype=np.uint16))
+    shards = [{"name": n, "split": n.split("_")[1], "sha256": sha256_file(tmp_path / n)} for n in files]
+    (tmp_path / "manifest.json").write_text(json.dumps({"bos_id": 1, "shards": shards}))
+    assert submission.val_overlap(tmp_path / "manifest.json") == {"val_docs": 3, "val_docs_in_train": 1}

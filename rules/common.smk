@@ -44,6 +44,68 @@ def run_settings(stage):
     return lambda wc, output: json.dumps(PLAN["stages"][stage][wc.key]["run"], sort_keys=True)
 
 
+def device_settings(stage, key):
+    """(device, processes) of one job of a stage that can run on CUDA: train and evaluate run `nproc`
+    processes (torchrun when > 1), quantize and rescue one."""
+    section = PLAN["stages"][stage][key]["config"]
+    section = section["train"] if stage == "train" else section
+    return section["device"], section.get("nproc", 1)
+
+
+def gpu_count(stage, key):
+    """The GPUs a job holds: one per process unless its device is cpu. `auto` counts as cuda (it holds
+    GPUs where there are any; stages.gpus --optional lets it run without one where the pool is empty)."""
+    device, nproc = device_settings(stage, key)
+    return 0 if device == "cpu" else nproc
+
+
+def stage_gpus(stage):
+    """resources function: the GPUs a job of the stage holds, counted by Snakemake against `--resources gpu=N`."""
+    return lambda wc: gpu_count(stage, wc.key)
+
+
+def per_process(stage, on_cpu, beside_gpu):
+    """threads or resources function: a job's share per process, `on_cpu` or `beside_gpu` (a GPU's process
+    also needs host cores and memory: data loading, the CUDA context, compile workers)."""
+    def total(wc):
+        device, nproc = device_settings(stage, wc.key)
+        return nproc * (on_cpu if device == "cpu" else beside_gpu)
+    return total
+
+
+def launcher(stage):
+    """params function: what runs `-m stages.<stage>` after the interpreter: nothing (plain python); torchrun
+    when nproc > 1; behind stages.gpus, which gives the job its own device ids, when it holds GPUs. The GPU
+    count comes from the config, not from resources.gpu, which Snakemake lowers to --resources gpu=N.
+    A derived param (it takes `output`): device and nproc are in the key already."""
+    def launch(wc, output):
+        device, nproc = device_settings(stage, wc.key)
+        parts = []
+        if gpus := gpu_count(stage, wc.key):
+            optional = " --optional" if device == "auto" else ""
+            parts.append(f"-m stages.gpus --count {gpus}{optional} -- {PYTHON}")
+        if nproc > 1:
+            parts.append(f"-m torch.distributed.run --standalone --nproc_per_node={nproc}")
+        return " ".join(parts)
+    return launch
+
+
+def check_gpu_budget():
+    """Snakemake silently lowers a job's gpu resource to `--resources gpu=N`; say so when a planned job needs more."""
+    limit = workflow.global_resources.get("gpu").value
+    if limit is None or not workflow.is_main_process:
+        return
+    need = {stage: max((gpu_count(stage, key) for key in PLAN["stages"][stage]), default=0)
+            for stage in ("train", "quantize", "rescue", "evaluate")}
+    for stage, gpus in need.items():
+        if gpus > limit:
+            print(f"caddie: {stage} holds {gpus} GPUs but --resources gpu={limit}: Snakemake counts it as {limit}, "
+                  f"stages.gpus still gives it {gpus} device ids (or fails if the node has fewer)", file=sys.stderr)
+
+
+check_gpu_budget()
+
+
 def upstream(stage, key, name):
     return PLAN["stages"][stage][key]["inputs"][name]
 

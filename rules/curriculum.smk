@@ -6,6 +6,8 @@ rule curriculum:
         summary=update("artifacts/curriculum/{key}/summary.json"),
     params:
         config=stage_config("curriculum"),
+    resources:
+        mem_mb=16000,  # the per-window scores and bucket ids (the shards are memory-mapped)
     log:
         "logs/curriculum/{key}.log",
     benchmark:

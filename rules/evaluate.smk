@@ -28,11 +28,16 @@ rule evaluate:
         update("artifacts/evaluate/{point}/{key}/seed{seed}/{mode}.json"),
     params:
         config=stage_config("evaluate"),
+        launcher=launcher("evaluate"),
+    threads: per_process("evaluate", 1, 8)
+    resources:
+        gpu=stage_gpus("evaluate"),
+        mem_mb=per_process("evaluate", 4000, 16000),
     log:
         "logs/evaluate/{point}/{key}/seed{seed}/{mode}.log",
     benchmark:
         "benchmarks/evaluate/{point}/{key}/seed{seed}/{mode}.tsv"
     shell:
-        "{PYTHON} -m stages.evaluate --config {params.config:q} --mode {wildcards.mode} "
+        "{PYTHON} {params.launcher} -m stages.evaluate --config {params.config:q} --mode {wildcards.mode} "
         "--model {input.model} --model-summary {input.model_summary} --manifest {input.manifest} "
         "--out {output} > {log} 2>&1"

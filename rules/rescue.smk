@@ -10,12 +10,17 @@ rule rescue:
         summary=update("artifacts/rescue/{key}/seed{seed}/summary.json"),
     params:
         config=stage_config("rescue"),
+        launcher=launcher("rescue"),
+    threads: per_process("rescue", 1, 8)
+    resources:
+        gpu=stage_gpus("rescue"),
+        mem_mb=per_process("rescue", 8000, 16000),
     log:
         "logs/rescue/{key}/seed{seed}.log",
     benchmark:
         "benchmarks/rescue/{key}/seed{seed}.tsv"
     shell:
-        "{PYTHON} -m stages.rescue --config {params.config:q} --artifact {input.artifact} "
+        "{PYTHON} {params.launcher} -m stages.rescue --config {params.config:q} --artifact {input.artifact} "
         "--quantize-summary {input.quantize_summary} --teacher {input.teacher} "
         "--teacher-summary {input.teacher_summary} --manifest {input.manifest} "
         "--seed {wildcards.seed} --out {output.artifact} --summary {output.summary} > {log} 2>&1"

@@ -7,6 +7,9 @@ rule tokenize:
         summary=update("artifacts/tokenize/{key}/summary.json"),
     params:
         config=stage_config("tokenize"),
+    threads: 8  # SentencePiece trains on several cores
+    resources:
+        mem_mb=16000,  # SentencePiece holds its sample of train documents in memory
     log:
         "logs/tokenize/{key}.log",
     benchmark:

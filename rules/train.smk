@@ -7,18 +7,6 @@ def train_curriculum(wc):
     return {"curriculum": f"{folder}/buckets.npz", "curriculum_summary": f"{folder}/summary.json"}
 
 
-def train_launcher(wc, output):
-    """torchrun when the arm asks for more than one process, else nothing (plain python). A derived param
-    (it takes `output`): nproc is in the key already."""
-    nproc = PLAN["stages"]["train"][wc.key]["config"]["train"]["nproc"]
-    return "" if nproc == 1 else f"-m torch.distributed.run --standalone --nproc_per_node={nproc}"
-
-
-def train_gpus(wc):
-    train = PLAN["stages"]["train"][wc.key]["config"]["train"]
-    return 0 if train["device"] == "cpu" else train["nproc"]
-
-
 rule train:
     input:
         unpack(train_curriculum),
@@ -31,12 +19,13 @@ rule train:
     params:
         config=stage_config("train"),
         run=run_settings("train"),
-        launcher=train_launcher,
+        launcher=launcher("train"),
         curriculum=lambda wc: " ".join(f"--{k.replace('_', '-')} {p}" for k, p in train_curriculum(wc).items()),
         resume_dir="artifacts/train/{key}/seed{seed}/resume",
-    threads: 2
+    threads: per_process("train", 2, 8)
     resources:
-        gpu=train_gpus,
+        gpu=stage_gpus("train"),
+        mem_mb=per_process("train", 8000, 25000),
     log:
         "logs/train/{key}/seed{seed}.log",
     benchmark:

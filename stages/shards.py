@@ -121,11 +121,22 @@ class ShardSet:
         shard by shard (a loop over shards, not over windows)."""
         shard, offset = np.asarray(shard), np.asarray(offset, dtype=np.int64)
         out = np.empty((len(shard), length), dtype=np.int64)
-        span = np.arange(length, dtype=np.int64)
         for s in np.unique(shard):
             rows = np.flatnonzero(shard == s)
-            out[rows] = self.shards[s][offset[rows, None] + span]
+            out[rows] = np.lib.stride_tricks.sliding_window_view(self.shards[s], length)[offset[rows]]
         return out
+
+    def check_windows(self, shard: np.ndarray, offset: np.ndarray, length: int, source) -> None:
+        """Every window (shard, offset, length) lies inside this split's shards; else an error naming
+        `source` (e.g. a bucket file written for other shards)."""
+        shard, offset = np.asarray(shard), np.asarray(offset, dtype=np.int64)
+        bad = (shard < 0) | (shard >= len(self.shards))
+        bad[~bad] = (offset[~bad] < 0) | (offset[~bad] + length > self.lengths[shard[~bad]])
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ShardError(f"{source}: window {i} (shard {int(shard[i])}, offset {int(offset[i])}, {length} tokens) "
+                             f"is outside the {len(self.shards)} train shards {[p.name for p in self.paths]}; "
+                             "it was written for other shards")
 
 
 def document_spans(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:

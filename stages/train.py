@@ -2,8 +2,11 @@
 
 The global batch (batch_tokens per step) is fixed whatever the number of processes: it is split
 into `micro_batches` micro-batches spread over the ranks (gradient accumulation), as the challenge
-does. The warmdown follows the wallclock cap when one is set, else the iteration count. State is
-checkpointed under --resume-dir (not a declared output), so a killed run continues where it was.
+does. Batches are read from the train shards' memmaps, never concatenated: a contiguous stream, as
+the challenge's loader reads it, or with the curriculum on, windows (shard, offset) that each rank
+draws from its own sampler stream. The warmdown follows the wallclock cap when one is set, else the
+iteration count. State is checkpointed under --resume-dir (not a declared output), so a killed run
+continues where it was.
 """
 import argparse
 import copy
@@ -28,7 +31,7 @@ from stages.curriculum import load_sampler
 from stages.io import IntegrityError, read_json, save_torch, sha256_file, write_json, write_text
 from stages.model import GPT, GPTConfig, cast_to_training_dtypes, non_finite, param_groups
 from stages.muon import Muon
-from stages.shards import manifest_shards, read_header, read_shard
+from stages.shards import ShardSet, manifest_shards, read_header, read_shard
 
 
 class TokenStream:
@@ -60,10 +63,12 @@ class TokenStream:
 
 
 class Batches:
-    """Each call yields this rank's (x, y) slice of one micro-batch of the fixed global batch."""
+    """Each call yields this rank's (x, y) share of one micro-batch of the fixed global batch: a contiguous
+    span of the stream, or (curriculum) the windows this rank's sampler draws, read from the shards'
+    memmaps by (shard, offset)."""
 
-    def __init__(self, stream, sampler, tokens, seq_len, rank, world_size):
-        self.stream, self.sampler, self.tokens = stream, sampler, tokens
+    def __init__(self, stream, sampler, windows: ShardSet | None, seq_len, rank, world_size):
+        self.stream, self.sampler, self.windows = stream, sampler, windows
         self.seq_len, self.rank, self.world = seq_len, rank, world_size
 
     def next(self, local_tokens: int, progress: float):
@@ -72,10 +77,8 @@ class Batches:
             chunk = self.stream.take(span * self.world)[self.rank * span:(self.rank + 1) * span]
             local = torch.from_numpy(chunk.astype(np.int64))
             return local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)
-        per_rank = local_tokens // self.seq_len
-        starts = self.sampler.sample(per_rank * self.world, progress)[self.rank * per_rank:][:per_rank]
-        seqs = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
-        seqs = torch.from_numpy(seqs)
+        shard, offset = self.sampler.sample(local_tokens // self.seq_len, progress)
+        seqs = torch.from_numpy(self.windows.read(shard, offset, self.seq_len + 1))
         return seqs[:, :-1], seqs[:, 1:]
 
     def state_dict(self):
@@ -196,11 +199,13 @@ class Trainer:
         self.step_model = torch.compile(net) if cfg["compile"] else net
         self.optimizers = build_optimizers(self.model, cfg["optimizer"], fused=self.device.type == "cuda")
         paths = manifest_shards(manifest, "train", verify=self.rank == 0)  # once, not once per rank
-        sampler, tokens = None, None
-        if curriculum_cfg["enabled"]:
-            sampler = load_sampler(curriculum_path, curriculum_summary, curriculum_cfg["floor"], seed)
-            tokens = np.concatenate([np.asarray(read_shard(p, vocab)) for p in paths])
-        self.batches = Batches(TokenStream(paths, vocab), sampler, tokens, cfg["seq_len"], self.rank, self.world)
+        if curriculum_cfg["enabled"]:  # each rank its own sampler stream, seeded by (seed, rank)
+            sampler = load_sampler(curriculum_path, curriculum_summary, curriculum_cfg["floor"], seed, self.rank)
+            stream, windows = None, ShardSet(paths, vocab)
+            windows.check_windows(sampler.shard, sampler.offset, cfg["seq_len"] + 1, curriculum_path)
+        else:
+            sampler, stream, windows = None, TokenStream(paths, vocab), None
+        self.batches = Batches(stream, sampler, windows, cfg["seq_len"], self.rank, self.world)
         self.step, self.elapsed_ms, self.metrics = 0, 0.0, []
         self.train_tokens = sum(read_header(p) for p in paths)
         self.warnings = []

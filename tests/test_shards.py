@@ -326,3 +326,14 @@ def test_document_chunks_equal_splitting_the_concatenated_split(tmp_path):
     for chunk in (1, 4, 7, 1000):
         got = [t[a:b].tolist() for t, starts, ends in document_chunks(shards, 1, chunk) for a, b in zip(starts, ends)]
         assert got == expected, chunk
+
+
+def test_windows_outside_the_shards_are_an_error_naming_their_source(tmp_path):
+    from stages.shards import ShardSet
+    write_shard(tmp_path / "a.bin", np.arange(10, dtype=np.uint16))
+    shards = ShardSet([tmp_path / "a.bin"])
+    shards.check_windows([0, 0], [0, 5], 5, "buckets.npz")
+    with pytest.raises(ShardError, match=r"buckets.npz: window 1 \(shard 0, offset 6, 5 tokens\)"):
+        shards.check_windows([0, 0], [0, 6], 5, "buckets.npz")
+    with pytest.raises(ShardError, match=r"window 0 \(shard 1"):
+        shards.check_windows([1], [0], 5, "buckets.npz")

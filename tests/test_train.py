@@ -4,10 +4,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, tiny_train_config
-from stages import records, train
+from stages import curriculum, records, train
+from stages.shards import ShardSet, manifest_shards
 
 
 def train_args(data, out, seed=1, curriculum=False, **overrides):
@@ -44,6 +47,37 @@ def test_curriculum_training_learns(tiny_data, tmp_path):
     train.main(train_args(tiny_data, tmp_path, curriculum=True))
     curve = losses(tmp_path)
     assert curve[-1] < curve[0] - 1.0
+
+
+def curriculum_batches(data, rank, world, seed=1):
+    sampler = curriculum.load_sampler(data["buckets"], data["buckets_summary"], 0.02, seed, rank)
+    windows = ShardSet(manifest_shards(data["manifest"], "train"))
+    return train.Batches(None, sampler, windows, 64, rank, world), windows
+
+
+def test_curriculum_batches_are_each_ranks_own_windows_read_from_the_shards(tiny_data):
+    """Each rank draws only its own sequences (its (seed, rank) stream), whatever the world size."""
+    local_tokens = 4 * 64
+    draws = {}
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        batches, windows = curriculum_batches(tiny_data, rank, world)
+        replica = curriculum.load_sampler(tiny_data["buckets"], tiny_data["buckets_summary"], 0.02, 1, rank)
+        x, y = batches.next(local_tokens, 0.3)
+        shard, offset = replica.sample(4, 0.3)
+        expected = windows.read(shard, offset, 65)
+        assert x.shape == y.shape == (4, 64) and x.dtype == torch.int64
+        assert x.tolist() == expected[:, :-1].tolist() and y.tolist() == expected[:, 1:].tolist()
+        assert np.all(offset + 65 <= windows.lengths[shard])
+        draws[rank, world] = x.tolist()
+    assert draws[0, 1] == draws[0, 2] != draws[1, 2]
+
+
+def test_the_curriculum_loader_keeps_the_shards_as_memmaps(tiny_data, tmp_path):
+    trainer = train.Trainer(tiny_train_config(), {"enabled": True, "buckets": 4, "floor": 0.02},
+                            tiny_data["manifest"], tiny_data["buckets"], tiny_data["buckets_summary"], seed=1)
+    windows = trainer.batches.windows
+    assert isinstance(windows, ShardSet) and all(isinstance(t, np.memmap) for t in windows.shards)
+    assert trainer.batches.stream is None
 
 
 def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path, monkeypatch):

@@ -135,6 +135,8 @@ def tokenize_section(tok: dict) -> dict:
         section["python_version"] = platform.python_version()
     if tok["source"] == "files":
         section["files"] = tok["files"]
+    if tok["tokenizer_model"]:  # no tokenizer is trained: its sample does not matter
+        del section["tokenizer_sample_docs"]
     if tok["source"] == "challenge":
         section = {"source": "challenge", "challenge": tok["challenge"]}
     return section

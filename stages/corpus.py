@@ -1,8 +1,12 @@
 """Document sources for the tokenize stage: the built-in python-docs corpus and text/jsonl/parquet files.
 
 A source yields documents (strings) in a deterministic order; the tokenize stage removes duplicates
-and short documents and splits off the held-out val set by hash.
+and short documents and splits off the held-out val set by hash. Files are read as streams (a .txt file in
+1 MiB pieces, a .jsonl file line by line, a .parquet file in record batches of its text column), so
+reading holds one document or one batch at a time, never a whole file of documents; a .txt file read with
+`txt_split: file` is one document and is held whole.
 """
+import codecs
 import contextlib
 import glob
 import importlib
@@ -72,25 +76,43 @@ def python_docs():
         yield topics.topics[key]
 
 
-def _read_text(path: Path) -> str:
-    """A text file's content; a file that is not UTF-8 text (or is binary: NUL bytes) is an error naming it."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); "
-                         "tokenize.files.paths must name UTF-8 text files") from None
-    if "\0" in text:
-        raise ValueError(f"{path}: a binary file, not text (NUL byte at offset {data.index(0)})")
-    return text
+def _text_pieces(path: Path, piece_bytes: int = 1 << 20):
+    """A text file's content, decoded piece by piece; a file that is not UTF-8 text (or is binary: NUL bytes)
+    is an error naming it and the byte offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file read before `data`
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(piece_bytes)
+            held = len(decoder.getstate()[0])  # the start of a character cut by the previous piece
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text (byte {offset - held + e.start}: {e.reason}); "
+                                 "tokenize.files.paths must name UTF-8 text files") from None
+            if "\0" in text:
+                raise ValueError(f"{path}: a binary file, not text (NUL byte at offset {offset + data.index(0)})")
+            if not data:
+                return
+            offset += len(data)
+            yield text
+
+
+def _blocks(pieces, separator: str = "\n\n"):
+    """The text of `pieces` cut at each separator, exactly as str.split cuts their concatenation."""
+    rest = ""  # the text after the last separator: the start of a block that may continue
+    for piece in pieces:
+        blocks = (rest + piece).split(separator)
+        rest = blocks.pop()
+        yield from blocks
+    yield rest
 
 
 def _txt_docs(path: Path, split: str):
-    text = _read_text(path)
     if split == "file":
-        yield text
+        yield "".join(_text_pieces(path))
     else:
-        yield from (block.strip() for block in text.split("\n\n"))
+        yield from (block.strip() for block in _blocks(_text_pieces(path)))
 
 
 JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", type(None): "null", list: "an array",
@@ -122,21 +144,22 @@ def _jsonl_docs(path: Path, field: str):
             yield text
 
 
-def _parquet_docs(path: Path, field: str):
-    import pandas as pd
-    frame = pd.read_parquet(path)
-    if field not in frame.columns:
-        raise ValueError(f"{path}: no '{field}' column (tokenize.files.text_field); "
-                         f"columns are {list(frame.columns)}")
-    column = frame[field]
-    missing = column.isna().to_numpy()
-    if missing.any():
-        raise ValueError(f"{path}: row {int(missing.argmax())} has no text in column '{field}'")
-    for row, text in enumerate(column):
-        if not isinstance(text, str):
-            raise ValueError(f"{path}: row {row} of column '{field}' (tokenize.files.text_field) is "
-                             f"{type(text).__name__} {text!r:.40}, not a string")
-        yield text
+def _parquet_docs(path: Path, field: str, batch_rows: int = 1024):
+    import pyarrow.parquet as pq
+    with pq.ParquetFile(path) as table:
+        columns = table.schema_arrow.names
+        if field not in columns:
+            raise ValueError(f"{path}: no '{field}' column (tokenize.files.text_field); columns are {columns}")
+        row = 0
+        for batch in table.iter_batches(batch_size=batch_rows, columns=[field]):
+            for text in batch.column(0).to_pylist():
+                if text is None:
+                    raise ValueError(f"{path}: row {row} has no text in column '{field}'")
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}: row {row} of column '{field}' (tokenize.files.text_field) is "
+                                     f"{type(text).__name__} {text!r:.40}, not a string")
+                yield text
+                row += 1
 
 
 def expand_paths(patterns, key="tokenize.files.paths") -> list[Path]:

@@ -45,7 +45,7 @@ def write_shard(path, tokens) -> None:
         raise ShardError(f"{path}: token id {bad} does not fit in uint16")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header_bytes(len(tokens)))
-        f.write(tokens.astype("<u2").tobytes())
+        np.ascontiguousarray(tokens, dtype="<u2").tofile(f)  # one copy at most, not two
 
 
 def read_header(path) -> int:

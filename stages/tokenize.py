@@ -1,16 +1,30 @@
 """tokenize: documents -> SentencePiece tokenizer + challenge-format shards + manifest.json.
 
 The val split is a fixed set of documents chosen by a salted hash of their text (not "the first N"),
-and the tokenizer is trained on train documents only. Every document starts with BOS; val and train
-never share a shard, and no train document equals a val document token for token. With
-`source: challenge`, existing shards and their tokenizer are validated and linked as they are.
+and the tokenizer is trained on train documents only: a bounded, deterministic sample of them, the
+`tokenizer_sample_docs` documents whose hashes rank next after val's (SentencePiece's
+`input_sentence_size`). Every document starts with BOS; val and train never share a shard, and no train
+document equals a val document token for token. With `source: challenge`, existing shards and their
+tokenizer are validated and linked as they are.
 
-Whatever the source, the tokenizer must belong to the shards: sampled documents decode and re-encode to
-the same ids. New outputs are written into a staging folder and replace the previous run's only when
-every shard and check has succeeded, so a failing run leaves the last good outputs as they were.
+A corpus of any size streams through in passes, each reading the documents afresh: the first ranks them
+by hash to find val and the tokenizer's sample, the second (only when a tokenizer is trained) feeds the
+sample to SentencePiece, the third encodes and writes val, the fourth train. Worker processes encode
+batches of documents, each loading the model once; their results are taken in input order, so the shards
+are byte-identical for any number of workers, and each shard is written as soon as it fills. Memory grows
+with the corpus only in the exact-duplicate filter: a 16-byte digest per document, O(documents x 16 B)
+(about 100 bytes each in a Python set). The rest is bounded by the settings: the hash ranks of val_docs +
+tokenizer_sample_docs documents, the sample inside SentencePiece, one shard being filled (shard_tokens x
+2 bytes, copied twice while it is written) and a few batches of text per worker.
+
+Whatever the source, the tokenizer must belong to the shards: sampled documents, read back from the
+written shards, decode and re-encode to the same ids. New outputs are written into a staging folder and
+replace the previous run's only when every shard and check has succeeded, so a failing run leaves the
+last good outputs as they were.
 """
 import argparse
 import hashlib
+import heapq
 import io
 import itertools
 import json
@@ -18,6 +32,10 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,73 +63,312 @@ ROUND_TRIP_MIN = 0.9
 # with the 1024 model, which has no byte fallback); another tokenizer lands at 72-78% or above 103%,
 # except near twins, which the round trip rejects.
 DECODED_BYTES_RANGE = (0.92, 1.01)
+# One encoding task: enough text to outweigh a task's overhead, little enough to keep workers even.
+BATCH_CHARS = 1 << 20
+BATCH_DOCS = 1024
+TASKS_PER_WORKER = 2  # in flight: every worker stays busy, and the reader never runs ahead of them
 
 
 def doc_hash(text: str, salt: str) -> str:
     return hashlib.sha256((salt + "\0" + text).encode("utf-8")).hexdigest()
 
 
+def text_digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+# --- which documents: cleaning, the val split, the tokenizer's sample -----------------------------
+
+def cleaned(docs, min_chars: int, max_docs: int):
+    """The documents of at least `min_chars`, each text at its first occurrence only, in order; at most
+    `max_docs` of them (0 = all). Duplicates are found by a 16-byte digest of each kept document: memory
+    O(documents x 16 B), about 100 B per document in a Python set."""
+    seen, kept = set(), 0
+    for doc in docs:
+        if len(doc) < min_chars or (digest := text_digest(doc)) in seen:
+            continue
+        seen.add(digest)
+        yield doc
+        kept += 1
+        if kept == max_docs:
+            return
+
+
 def clean_documents(docs, min_chars: int, max_docs: int) -> list[str]:
     """Drop short documents and exact duplicates, keeping first-seen order; cap at max_docs (0 = all)."""
-    kept = dict.fromkeys(d for d in docs if len(d) >= min_chars)
-    docs = list(kept)
-    return docs[:max_docs] if max_docs else docs
+    return list(cleaned(docs, min_chars, max_docs))
+
+
+def hash_ranks(docs, count: int, salt: str) -> tuple[list[int], int]:
+    """The positions of the `count` documents with the smallest salted hash, smallest first, and how many
+    documents there were. Holds `count` hashes however many documents stream past."""
+    largest_first = []  # a heap of (-hash, position): its top is the largest hash kept
+    total = 0
+    for total, doc in enumerate(docs, 1):
+        entry = (-int(doc_hash(doc, salt), 16), total - 1)
+        if len(largest_first) < count:
+            heapq.heappush(largest_first, entry)
+        elif count and entry > largest_first[0]:
+            heapq.heapreplace(largest_first, entry)
+    return [position for _, position in sorted(largest_first, reverse=True)], total
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Positions in the cleaned document stream: the val documents and the tokenizer's sample."""
+    total: int
+    val: frozenset
+    sample: frozenset
+
+
+def select_documents(docs, val_docs: int, sample_docs: int, salt: str) -> Selection:
+    """The `val_docs` documents with the smallest salted hash are val; the `sample_docs` with the next
+    smallest are the tokenizer's sample: a uniform, deterministic choice of train documents whatever their
+    order in the corpus, which grows by adding documents as sample_docs grows."""
+    ranked, total = hash_ranks(docs, val_docs + sample_docs, salt)
+    if val_docs >= total:
+        raise ValueError(f"tokenize.val_docs: {val_docs} held-out documents leave none of the "
+                         f"{total} documents for training")
+    return Selection(total, frozenset(ranked[:val_docs]), frozenset(ranked[val_docs:]))
 
 
 def split_val(docs: list[str], val_docs: int, salt: str) -> tuple[list[str], list[str]]:
     """The `val_docs` documents with the smallest salted hash are val; order is preserved in both."""
-    if val_docs >= len(docs):
-        raise ValueError(f"tokenize.val_docs: {val_docs} held-out documents leave none of the "
-                         f"{len(docs)} documents for training")
-    ranked = sorted(range(len(docs)), key=lambda i: doc_hash(docs[i], salt))
-    val_ids = set(ranked[:val_docs])
-    train = [d for i, d in enumerate(docs) if i not in val_ids]
-    val = [d for i, d in enumerate(docs) if i in val_ids]
-    return train, val
+    val = select_documents(docs, val_docs, 0, salt).val
+    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
 
 
-def train_tokenizer(train_docs: list[str], vocab_size: int, out_model: Path) -> None:
-    """Train SentencePiece BPE with the challenge's settings on train documents only."""
+def documents_at(docs, positions):
+    """The documents at `positions`, in stream order; reading stops after the last of them."""
+    last = max(positions, default=-1)
+    for position, doc in zip(range(last + 1), docs):
+        if position in positions:
+            yield doc
+
+
+def documents_outside(docs, positions):
+    return (doc for position, doc in enumerate(docs) if position not in positions)
+
+
+class TokenizerSample:
+    """The tokenizer's training documents, read afresh from `documents()` each time they are iterated;
+    len() is how many."""
+
+    def __init__(self, documents, positions: frozenset):
+        self.documents, self.positions = documents, positions
+
+    def __iter__(self):
+        return documents_at(self.documents(), self.positions)
+
+    def __len__(self):
+        return len(self.positions)
+
+
+# SentencePiece records its thread count in the model file: a fixed count makes the file the same on every
+# machine (the pieces do not depend on it).
+TOKENIZER_THREADS = 4
+
+
+def train_tokenizer(train_docs, vocab_size: int, out_model: Path) -> None:
+    """Train SentencePiece BPE with the challenge's settings on `train_docs` (a sized iterable of train
+    documents only), all of which, and no more, SentencePiece loads (its input_sentence_size)."""
     model = io.BytesIO()
+    # SentencePiece refuses 1..100 here; 0 (all) is the same for it is given exactly these documents.
+    limit = len(train_docs) if len(train_docs) > 100 else 0
     spm.SentencePieceTrainer.train(sentence_iterator=iter(train_docs), model_writer=model,
-                                   vocab_size=vocab_size, max_sentence_length=1 << 16,
-                                   num_threads=os.cpu_count() or 1, minloglevel=2, **SP_SETTINGS)
+                                   input_sentence_size=limit, vocab_size=vocab_size,
+                                   max_sentence_length=1 << 16, num_threads=TOKENIZER_THREADS,
+                                   minloglevel=2, **SP_SETTINGS)
     write_bytes(out_model, model.getvalue())
+
+
+# --- encoding, in worker processes ----------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """A batch of documents encoded: their ids in one array, each document led by BOS; each document's
+    length (BOS included); and a 16-byte digest of each document's ids, which stands for them when
+    documents are compared token for token."""
+    tokens: np.ndarray
+    lengths: np.ndarray
+    digests: list
+
+    def select(self, keep: np.ndarray) -> "Encoded":
+        if keep.all():
+            return self
+        return Encoded(self.tokens[np.repeat(keep, self.lengths)], self.lengths[keep],
+                       [d for d, k in zip(self.digests, keep) if k])
+
+    def document_ids(self) -> list[list[int]]:
+        """Each document's ids, without its BOS."""
+        ends = np.cumsum(self.lengths)
+        return [self.tokens[end - length + 1:end].tolist() for end, length in zip(ends, self.lengths)]
+
+
+def encode_batch(sp, docs: list[str]) -> Encoded:
+    """The documents encoded by `sp`, in one array (ids fit uint16: the schema caps vocab_size at 65536)."""
+    ids = sp.encode(docs)
+    lengths = np.array([len(doc) for doc in ids], dtype=np.int64)
+    body = np.fromiter(itertools.chain.from_iterable(ids), dtype="<u2", count=int(lengths.sum()))
+    starts = np.cumsum(lengths) - lengths
+    digests = [hashlib.blake2b(body[a:a + n].tobytes(), digest_size=16).digest() for a, n in zip(starts, lengths)]
+    return Encoded(np.insert(body, starts, BOS_ID), lengths + 1, digests)
+
+
+def batches(docs):
+    """Consecutive documents in lists of at most BATCH_DOCS, cut once they reach BATCH_CHARS characters."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= BATCH_CHARS or len(batch) == BATCH_DOCS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+_worker_sp = None  # an encoding worker's SentencePiece model, loaded once per process
+
+
+def _load_worker_model(model_file: str) -> None:
+    global _worker_sp
+    _worker_sp = spm.SentencePieceProcessor(model_file=model_file, num_threads=1)
+
+
+def _encode_in_worker(docs: list[str]) -> Encoded:
+    return encode_batch(_worker_sp, docs)
+
+
+def in_order(pool, fn, items, window: int):
+    """(item, fn(item)) for each item, computed by the pool, in input order, with at most `window` tasks in
+    flight. (Pool.imap reads its input to the end as fast as it can, holding everything it has read.)"""
+    pending = deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= window:
+            item, future = pending.popleft()
+            yield item, future.result()
+    while pending:
+        item, future = pending.popleft()
+        yield item, future.result()
+
+
+@contextmanager
+def encoder(model: Path, workers: int):
+    """A function from batches of documents to (batch, Encoded) pairs, in order, computed by `workers`
+    processes that each load the model once (in this process when `workers` is 1)."""
+    if workers == 1:
+        sp = spm.SentencePieceProcessor(model_file=str(model), num_threads=1)
+        yield lambda items: ((batch, encode_batch(sp, batch)) for batch in items)
+        return
+    with ProcessPoolExecutor(workers, initializer=_load_worker_model, initargs=(str(model),)) as pool:
+        yield lambda items: in_order(pool, _encode_in_worker, items, TASKS_PER_WORKER * workers)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use, at most OMP_NUM_THREADS where that is set (Snakemake sets it to the
+    job's threads)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(cpus, int(limit)) if limit.isdigit() and int(limit) > 0 else cpus
+
+
+# --- documents that tokenize alike ----------------------------------------------------------------
+# Different texts can tokenize alike (nmt_nfkc turns a newline into a space) and the leak check compares
+# tokens, not text: a val document whose ids repeat an earlier val document's is dropped, and so is a
+# train document whose ids equal a val document's.
+
+def first_by_tokens(encoded, seen: set):
+    """For each (batch, Encoded): (the documents whose ids are not yet in `seen`, their Encoded, how many
+    documents the batch had); the kept documents' ids join `seen`."""
+    for docs, enc in encoded:
+        keep = np.zeros(len(docs), dtype=bool)
+        for i, digest in enumerate(enc.digests):
+            if digest not in seen:
+                seen.add(digest)
+                keep[i] = True
+        yield [d for d, k in zip(docs, keep) if k], enc.select(keep), len(docs)
+
+
+def absent_by_tokens(encoded, seen: set):
+    """For each (batch, Encoded): (the documents whose ids are not in `seen`, their Encoded, how many
+    documents the batch had)."""
+    for docs, enc in encoded:
+        keep = np.array([digest not in seen for digest in enc.digests], dtype=bool)
+        yield [d for d, k in zip(docs, keep) if k], enc.select(keep), len(docs)
 
 
 def encode_without_token_duplicates(sp, val: list[str], train: list[str]):
     """Encode both splits, dropping val documents whose ids repeat an earlier val document's and train
-    documents whose ids equal a val document's: different texts can tokenize alike (nmt_nfkc turns a
-    newline into a space), and the leak check compares tokens, not text.
+    documents whose ids equal a val document's, as the run does batch by batch.
     Returns (kept val texts, val ids, train ids, {split: documents dropped})."""
-    kept_val, val_ids, seen = [], [], set()
-    for doc, ids in zip(val, sp.encode(val)):
-        if tuple(ids) not in seen:
-            seen.add(tuple(ids))
-            kept_val.append(doc)
-            val_ids.append(ids)
-    train_ids = [ids for ids in sp.encode(train) if tuple(ids) not in seen]
-    return kept_val, val_ids, train_ids, {"val": len(val) - len(kept_val), "train": len(train) - len(train_ids)}
+    seen = set()
+    [(kept_val, val_enc, _)] = first_by_tokens([(val, encode_batch(sp, val))], seen)
+    [(_, train_enc, _)] = absent_by_tokens([(train, encode_batch(sp, train))], seen)
+    val_ids, train_ids = val_enc.document_ids(), train_enc.document_ids()
+    return kept_val, val_ids, train_ids, {"val": len(val) - len(val_ids), "train": len(train) - len(train_ids)}
 
 
-def token_stream(documents: list[list[int]]) -> np.ndarray:
-    return np.fromiter((t for ids in documents for t in (BOS_ID, *ids)), dtype=np.int64)
+# --- shards ---------------------------------------------------------------------------------------
 
+class ShardWriter:
+    """One split's token stream cut into shards of `shard_tokens` (documents may span shards, as in the
+    challenge), each written as soon as it fills: it holds one shard's tokens, never the split's."""
 
-def write_split(tokens: np.ndarray, split: str, shard_tokens: int, out_dir: Path) -> list[dict]:
-    """Cut one split's stream into shards (documents may span shards, as in the challenge)."""
-    entries = []
-    for index, start in enumerate(range(0, max(len(tokens), 1), shard_tokens)):
-        chunk = tokens[start:start + shard_tokens]
-        path = out_dir / shard_name(split, index)
+    def __init__(self, split: str, shard_tokens: int, out_dir: Path):
+        self.split, self.out_dir = split, out_dir
+        self.buffer = np.empty(shard_tokens, dtype="<u2")  # pages are taken as tokens arrive
+        self.filled = 0
+        self.entries = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            take = min(len(tokens), len(self.buffer) - self.filled)
+            self.buffer[self.filled:self.filled + take] = tokens[:take]
+            self.filled += take
+            tokens = tokens[take:]
+            if self.filled == len(self.buffer):
+                self._write()
+
+    def close(self) -> list[dict]:
+        """Write the last, partly filled shard (a split without tokens still has its one empty shard)."""
+        if self.filled or not self.entries:
+            self._write()
+        return self.entries
+
+    def _write(self) -> None:
+        path = self.out_dir / shard_name(self.split, len(self.entries))
+        chunk = self.buffer[:self.filled]
         write_shard(path, chunk)
-        entries.append(shard_entry(path, split, chunk))
-    return entries
+        self.entries.append(shard_entry(path, self.split, chunk))
+        self.filled = 0
 
 
 def shard_entry(path: Path, split: str, tokens) -> dict:
     return {"name": path.name, "split": split, "tokens": int(len(tokens)),
             "bos": int(np.count_nonzero(np.asarray(tokens) == BOS_ID)), "sha256": sha256_file(path)}
+
+
+def write_val(encoded, writer: ShardWriter) -> dict:
+    """Write the val documents, each set of ids once; their figures, and the digests of their ids."""
+    seen, read, kept, raw_bytes, hashes = set(), 0, 0, 0, []
+    for docs, enc, count in first_by_tokens(encoded, seen):
+        writer.add(enc.tokens)
+        read, kept = read + count, kept + len(docs)
+        raw_bytes += sum(len(d.encode("utf-8")) for d in docs)
+        hashes += [doc_hash(d, "") for d in docs]
+    return {"shards": writer.close(), "documents": kept, "dropped": read - kept, "raw_bytes": raw_bytes,
+            "doc_sha256": sorted(hashes), "digests": seen}
+
+
+def write_train(encoded, writer: ShardWriter, val_digests: set) -> dict:
+    """Write the train documents whose ids are no val document's; their figures."""
+    read = kept = 0
+    for docs, enc, count in absent_by_tokens(encoded, val_digests):
+        writer.add(enc.tokens)
+        read, kept = read + count, kept + len(docs)
+    return {"shards": writer.close(), "documents": kept, "read": read, "dropped": read - kept}
 
 
 def remove_stale_shards(out_dir: Path, keep: set[str]) -> None:
@@ -142,11 +399,11 @@ def split_documents(paths):
 
 def sample_documents(documents, total: int, count: int = ROUND_TRIP_SAMPLE) -> list:
     """`count` of a split's `total` documents, evenly spaced (all of them when there are fewer): a fixed
-    rule, so every run checks the same documents."""
+    rule, so every run checks the same documents. Copies, so that no shard they came from stays mapped."""
     picks = {i * total // count for i in range(count)} if total > count else set(range(total))
     if not picks:
         return []
-    return [doc for i, doc in enumerate(itertools.islice(documents, max(picks) + 1)) if i in picks]
+    return [np.array(doc) for i, doc in enumerate(itertools.islice(documents, max(picks) + 1)) if i in picks]
 
 
 def round_trip(sp, documents) -> dict:
@@ -158,12 +415,16 @@ def round_trip(sp, documents) -> dict:
             "round_trip": exact / len(checked) if checked else 0.0}
 
 
-def check_round_trip(sp, model: Path, splits: dict, shard_dir: Path) -> dict:
-    """Require the round trip to hold for almost all of each split's sampled documents; `splits` maps a
-    split to (its documents, how many). Returns the figures per split."""
+def check_bos(sp, model: Path, shard_dir: Path) -> None:
     if sp.bos_id() != BOS_ID:
         raise ValueError(f"{model}: BOS id {sp.bos_id()} is not {BOS_ID}, the id that starts every document "
                          f"in the shards ({shard_dir})")
+
+
+def check_round_trip(sp, model: Path, splits: dict, shard_dir: Path) -> dict:
+    """Require the round trip to hold for almost all of each split's sampled documents; `splits` maps a
+    split to (its documents, how many). Returns the figures per split."""
+    check_bos(sp, model, shard_dir)
     figures = {}
     for split, (documents, total) in splits.items():
         figures[split] = fig = round_trip(sp, sample_documents(documents, total))
@@ -206,31 +467,42 @@ def load_tokenizer(path: Path, key: str):
         raise ValueError(f"{key}: {path} is not a SentencePiece model ({e})") from None
 
 
-def tokenize_documents(cfg: dict, docs: list[str], staging: Path) -> dict:
-    docs = clean_documents(docs, cfg["min_doc_chars"], cfg["max_docs"])
-    train, val = split_val(docs, cfg["val_docs"], cfg["val_salt"])
+def tokenize_documents(cfg: dict, source, staging: Path, workers: int) -> dict:
+    """Tokenize the documents `source()` streams, afresh for each pass (see the module docstring)."""
+    def documents():
+        return cleaned(source(), cfg["min_doc_chars"], cfg["max_docs"])
+
+    given = Path(cfg["tokenizer_model"]) if cfg["tokenizer_model"] else None
+    sp = load_tokenizer(given, "tokenize.tokenizer_model") if given else None  # before reading the corpus
+    selection = select_documents(documents(), cfg["val_docs"], 0 if given else cfg["tokenizer_sample_docs"],
+                                 cfg["val_salt"])
     model = staging / "tokenizer.model"
-    if cfg["tokenizer_model"]:
-        named = Path(cfg["tokenizer_model"])
-        sp = load_tokenizer(named, "tokenize.tokenizer_model")
-        shutil.copyfile(named, model)
+    if given:
+        shutil.copyfile(given, model)
+        named = given
     else:
-        named = staging.parent / "tokenizer.model"  # where it will be, not the staged copy
-        train_tokenizer(train, cfg["vocab_size"], model)
+        train_tokenizer(TokenizerSample(documents, selection.sample), cfg["vocab_size"], model)
         sp = spm.SentencePieceProcessor(model_file=str(model))
-    val, val_ids, train_ids, dropped = encode_without_token_duplicates(sp, val, train)
-    check = check_round_trip(sp, named, {"val": (val_ids, len(val_ids)), "train": (train_ids, len(train_ids))},
-                             staging.parent)
-    shards = []
-    for split, ids in (("val", val_ids), ("train", train_ids)):
-        shards += write_split(token_stream(ids), split, cfg["shard_tokens"], staging)
+        named = staging.parent / "tokenizer.model"  # where it will be, not the staged copy
+    check_bos(sp, named, staging.parent)
+    with encoder(model, workers) as encode:
+        val = write_val(encode(batches(documents_at(documents(), selection.val))),
+                        ShardWriter("val", cfg["shard_tokens"], staging))
+        train = write_train(encode(batches(documents_outside(documents(), selection.val))),
+                            ShardWriter("train", cfg["shard_tokens"], staging), val["digests"])
+    if train["read"] != selection.total - len(selection.val):
+        raise ValueError(f"tokenize.files.paths: the documents changed while they were read ({selection.total} "
+                         f"in the first pass, {train['read'] + len(selection.val)} in the last)")
+    splits = {"val": val, "train": train}
+    written = {split: (split_documents(staging / s["name"] for s in figures["shards"]), figures["documents"])
+               for split, figures in splits.items()}
     return {
-        "documents": {"train": len(train_ids), "val": len(val_ids)},
-        "token_duplicates_dropped": dropped,
-        "tokenizer_check": check,
-        "val_raw_bytes": sum(len(d.encode("utf-8")) for d in val),
-        "val_doc_sha256": sorted(doc_hash(d, "") for d in val),
-        "shards": shards,
+        "documents": {split: figures["documents"] for split, figures in splits.items()},
+        "token_duplicates_dropped": {split: figures["dropped"] for split, figures in splits.items()},
+        "tokenizer_check": check_round_trip(sp, named, written, staging.parent),
+        "val_raw_bytes": val["raw_bytes"],
+        "val_doc_sha256": val["doc_sha256"],
+        "shards": val["shards"] + train["shards"],
         "vocab_size": sp.vocab_size(),
     }
 
@@ -273,10 +545,13 @@ def import_challenge(cfg: dict, staging: Path) -> dict:
             "shards": shards, "vocab_size": sp.vocab_size()}
 
 
-def load_source(cfg: dict, files: list[Path]):
+def source_documents(cfg: dict, files: list[Path]):
+    """A function that streams the source's documents from the start, once per pass."""
     if cfg["source"] == "python-docs":
-        return list(corpus.python_docs())
-    return list(corpus.file_docs(files, cfg["files"]["txt_split"], cfg["files"]["text_field"]))
+        # Small (2.4 MB) and built from live modules: read once, so that every pass sees the same documents.
+        docs = list(corpus.python_docs())
+        return lambda: iter(docs)
+    return lambda: corpus.file_docs(files, cfg["files"]["txt_split"], cfg["files"]["text_field"])
 
 
 def publish(staging: Path, out_dir: Path, shard_names: list[str]) -> None:
@@ -286,7 +561,9 @@ def publish(staging: Path, out_dir: Path, shard_names: list[str]) -> None:
     remove_stale_shards(out_dir, set(shard_names))
 
 
-def run(cfg: dict, out_dir: Path) -> dict:
+def run(cfg: dict, out_dir: Path, workers: int | None = None) -> dict:
+    """Tokenize into out_dir; `workers` encoding processes (default: the CPUs this process may use) do not
+    change the outputs, only how fast they come."""
     start = time.time()
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
@@ -296,7 +573,7 @@ def run(cfg: dict, out_dir: Path) -> dict:
             info = import_challenge(cfg, staging)
         else:
             files = corpus.expand_paths(cfg["files"]["paths"]) if cfg["source"] == "files" else []
-            info = tokenize_documents(cfg, load_source(cfg, files), staging)
+            info = tokenize_documents(cfg, source_documents(cfg, files), staging, workers or available_cpus())
         tokenizer_sha256 = sha256_file(staging / "tokenizer.model")
         publish(staging, out_dir, [s["name"] for s in info["shards"]])
     finally:

@@ -305,3 +305,12 @@ def test_settings_of_a_quantize_option_not_in_use_do_not_requantize():
     gptq = plan_after(lambda cfg: cfg["arms"]["baseline"].update(quantize={"method": "gptq", "gptq": {"damp": 0.1}}))
     assert gptq["quantize"] != plan_after(lambda cfg: cfg["arms"]["baseline"].update(
         quantize={"method": "gptq"}))["quantize"]
+
+
+def test_the_tokenizer_sample_keys_only_where_a_tokenizer_is_trained():
+    tok = default_config()["defaults"]["tokenize"]
+    assert caddie.tokenize_section(tok)["tokenizer_sample_docs"] == tok["tokenizer_sample_docs"]
+    given = caddie.tokenize_section({**tok, "tokenizer_model": "data/tokenizer.model"})
+    assert "tokenizer_sample_docs" not in given
+    assert given == caddie.tokenize_section({**tok, "tokenizer_model": "data/tokenizer.model",
+                                             "tokenizer_sample_docs": 7})

@@ -797,3 +797,246 @@ def test_a_val_shard_copied_among_the_challenge_train_shards_is_refused(challeng
     with pytest.raises(ShardError, match=r"train shard fineweb_train_000099.bin has the same bytes as val shard "
                                          r"fineweb_val_000000.bin"):
         tokenize.run(challenge_config(leak), tmp_path / "out")
+
+
+# --- streaming: passes, workers, shards as they fill, the tokenizer's sample ----------------------
+
+def output_bytes(folder):
+    """Every output file's bytes, the manifest's without the run's duration."""
+    files = snapshot(folder)
+    manifest = json.loads(files.pop("manifest.json"))
+    summary = json.loads(files.pop("summary.json"))
+    del manifest["seconds"], summary["seconds"]
+    return files, manifest, summary
+
+
+def test_the_worker_count_does_not_change_a_byte_of_the_outputs(tmp_path, monkeypatch):
+    docs = sentences(300) + [s.replace(" ", "\n") for s in sentences(40)]  # token twins to drop
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    cfg = files_config([path], val_docs=20, shard_tokens=700, tokenizer_sample_docs=200)
+    monkeypatch.setattr(tokenize, "BATCH_DOCS", 8)  # many batches, spread over the workers
+    for workers in (1, 2, 3):
+        tokenize.run(cfg, tmp_path / f"w{workers}", workers=workers)
+    outputs = [output_bytes(tmp_path / f"w{workers}") for workers in (1, 2, 3)]
+    assert outputs[0] == outputs[1] == outputs[2]
+    files, manifest, _ = outputs[0]
+    assert len([n for n in files if n.startswith("fineweb_train_")]) > 3
+    assert sum(manifest["token_duplicates_dropped"].values()) > 0
+
+
+def test_in_order_keeps_the_order_and_reads_at_most_a_window_ahead():
+    from concurrent.futures import ThreadPoolExecutor
+    read = []
+
+    def items():
+        for i in range(50):
+            read.append(i)
+            yield i
+
+    with ThreadPoolExecutor(4) as pool:
+        for taken, (item, result) in enumerate(tokenize.in_order(pool, lambda x: x * x, items(), window=3), 1):
+            assert (item, result) == (taken - 1, (taken - 1) ** 2)
+            assert len(read) <= taken + 2  # the one just taken and at most window - 1 more in flight
+
+
+def test_a_shard_is_written_as_it_fills_before_the_corpus_is_read_to_the_end(tmp_path, monkeypatch):
+    docs = sentences(400)
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    reads, real_docs = [], corpus.file_docs
+
+    def counted(*args):  # each pass over the corpus counts the documents it has read
+        reads.append(0)
+        for doc in real_docs(*args):
+            reads[-1] += 1
+            yield doc
+
+    written, real_write = [], tokenize.write_shard
+
+    def recorded(path, tokens):
+        written.append((path.name, len(tokens), len(reads), reads[-1]))
+        real_write(path, tokens)
+
+    monkeypatch.setattr(corpus, "file_docs", counted)
+    monkeypatch.setattr(tokenize, "write_shard", recorded)
+    monkeypatch.setattr(tokenize, "BATCH_DOCS", 16)
+    manifest = tokenize.run(files_config([path], val_docs=10, shard_tokens=1000), tmp_path / "out", workers=2)
+    assert len(reads) == 4  # select, tokenizer sample, val, train
+    train = [w for w in written if w[0].startswith("fineweb_train_")]
+    assert [w[0] for w in train] == [f"fineweb_train_{i:06d}.bin" for i in range(len(train))]
+    assert all(size == 1000 for _, size, _, _ in train[:-1]) and 0 < train[-1][1] <= 1000
+    assert train[0][2] == 4 and train[0][3] < len(docs)  # in the last pass, with documents still unread
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    kept = tokenize.clean_documents(docs, 5, 0)
+    train_docs, _ = tokenize.split_val(kept, 10, manifest["config"]["val_salt"])
+    stream = load_tokens(manifest_shards(tmp_path / "out" / "manifest.json", "train"))
+    assert stream.tolist() == [t for ids in sp.encode(train_docs) for t in [BOS] + ids]  # cut, not lost
+
+
+def test_the_shard_writer_rolls_over_at_shard_tokens_and_writes_no_empty_tail(tmp_path):
+    writer = tokenize.ShardWriter("train", 4, tmp_path)
+    for tokens in ([1, 5, 6], [1, 7, 8, 9, 1], []):
+        writer.add(np.array(tokens, dtype=np.uint16))
+    entries = writer.close()
+    assert [(e["name"], e["tokens"], e["bos"]) for e in entries] == [
+        ("fineweb_train_000000.bin", 4, 2), ("fineweb_train_000001.bin", 4, 1)]
+    assert np.concatenate([read_shard(tmp_path / e["name"]) for e in entries]).tolist() == [1, 5, 6, 1, 7, 8, 9, 1]
+    empty = tokenize.ShardWriter("val", 4, tmp_path).close()
+    assert [(e["name"], e["tokens"]) for e in empty] == [("fineweb_val_000000.bin", 0)]
+
+
+def test_select_documents_takes_the_sample_from_the_hashes_after_val_whatever_the_order():
+    selection = tokenize.select_documents(DOCS, 7, 10, "salt")
+    ranked = sorted(range(len(DOCS)), key=lambda i: tokenize.doc_hash(DOCS[i], "salt"))
+    assert (selection.total, selection.val, selection.sample) == (len(DOCS), set(ranked[:7]), set(ranked[7:17]))
+    shuffled = list(DOCS)
+    random.Random(7).shuffle(shuffled)
+    again = tokenize.select_documents(shuffled, 7, 10, "salt")
+    assert {shuffled[i] for i in again.sample} == {DOCS[i] for i in selection.sample}
+    assert selection.sample < tokenize.select_documents(DOCS, 7, 11, "salt").sample  # grows by adding
+
+
+def capture_sentencepiece_input(monkeypatch):
+    """What SentencePiece is given: (its documents, input_sentence_size) per training."""
+    seen, real = [], spm.SentencePieceTrainer.train
+
+    def spy(**kwargs):
+        docs = list(kwargs["sentence_iterator"])
+        seen.append((docs, kwargs["input_sentence_size"]))
+        return real(**{**kwargs, "sentence_iterator": iter(docs)})
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", staticmethod(spy))
+    return seen
+
+
+def test_the_tokenizer_sees_only_tokenizer_sample_docs_train_documents_deterministically(tmp_path, monkeypatch):
+    docs = sentences(400)
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    seen = capture_sentencepiece_input(monkeypatch)
+    cfg = files_config([path], val_docs=10, tokenizer_sample_docs=150)
+    first = tokenize.run(cfg, tmp_path / "a")
+    second = tokenize.run(cfg, tmp_path / "b", workers=1)
+    ranked = sorted(docs, key=lambda d: tokenize.doc_hash(d, cfg["val_salt"]))
+    val, sample = set(ranked[:10]), set(ranked[10:160])
+    assert seen[0] == ([d for d in docs if d in sample], 150)  # in corpus order, and no more than that
+    assert seen[1] == seen[0] and not set(seen[0][0]) & val
+    assert output_bytes(tmp_path / "a")[0] == output_bytes(tmp_path / "b")[0]  # tokenizer and shards
+    assert first["documents"] == second["documents"] == {"val": 10, "train": 390}  # all train is encoded
+
+
+def test_a_sample_larger_than_the_train_set_trains_on_all_of_it(tmp_path, monkeypatch):
+    docs = sentences(200)
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    seen = capture_sentencepiece_input(monkeypatch)
+    cfg = files_config([path], val_docs=10, tokenizer_sample_docs=10_000)
+    tokenize.run(cfg, tmp_path / "out")
+    train, _ = tokenize.split_val(docs, 10, cfg["val_salt"])
+    assert seen == [(train, 190)]
+
+
+def test_the_schema_requires_tokenizer_sample_docs_as_a_positive_integer():
+    config = default_config()
+    for value, message in ((0, "less than the minimum"), (2.5, "is not of type 'integer'")):
+        config["defaults"]["tokenize"]["tokenizer_sample_docs"] = value
+        with pytest.raises(caddie.ConfigError, match=f"defaults.tokenize.tokenizer_sample_docs: .*{message}"):
+            caddie.validate(config)
+    del config["defaults"]["tokenize"]["tokenizer_sample_docs"]
+    with pytest.raises(caddie.ConfigError, match="'tokenizer_sample_docs' is a required property"):
+        caddie.validate(config)
+
+
+def test_tokenizer_sample_docs_is_part_of_the_tokenize_key():
+    config = default_config()
+    keys = set()
+    for value in (200_000, 1000):
+        config["defaults"]["tokenize"]["tokenizer_sample_docs"] = value
+        keys.add(caddie.plan(config)["arms"]["baseline"]["tokenize"])
+    assert len(keys) == 2
+
+
+def test_a_corpus_that_changes_between_passes_fails_the_run_naming_the_setting(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "docs.jsonl", sentences(60))
+    calls, real = [], corpus.file_docs
+
+    def growing(*args):
+        calls.append(1)
+        yield from real(*args)
+        if len(calls) > 1:
+            yield "A document that appeared after the first pass had counted them."
+
+    monkeypatch.setattr(corpus, "file_docs", growing)
+    with pytest.raises(ValueError, match="tokenize.files.paths: the documents changed while they were read"):
+        tokenize.run(files_config([path]), tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_too_many_val_docs_fail_the_run_naming_the_setting(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", sentences(20))
+    with pytest.raises(ValueError, match="tokenize.val_docs: 20 held-out documents leave none of the 20"):
+        tokenize.run(files_config([path], val_docs=20), tmp_path / "out")
+
+
+def test_a_missing_tokenizer_model_is_reported_before_the_corpus_is_read(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", sentences(60))
+    path.write_text(path.read_text() + "{broken\n")
+    with pytest.raises(FileNotFoundError, match="tokenize.tokenizer_model"):
+        tokenize.run(files_config([path], tokenizer_model=str(tmp_path / "no-such.model")), tmp_path / "out")
+
+
+# --- streaming readers ----------------------------------------------------------------------------
+
+def test_blocks_cut_pieces_exactly_as_str_split_cuts_their_concatenation():
+    text = "a\n\nb\n\n\n\nc\n \nd\n\n\n"
+    rng = random.Random(3)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, 6)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        assert list(corpus._blocks(pieces)) == text.split("\n\n")
+    assert list(corpus._blocks([])) == [""] == "".split("\n\n")
+
+
+def big_text(tmp_path, tail: bytes):
+    """A .txt file of blank-line separated sentences past the first 1 MiB piece, a character cut by the piece
+    boundary, then `tail`."""
+    body = "\n\n".join(sentences(60) * 300).encode()
+    body = body[:(1 << 20) - 1] + "\u00e9".encode() + b"\n\nlast block, long enough.\n\n"
+    path = tmp_path / "big.txt"
+    path.write_bytes(body + tail)
+    return path, len(body)
+
+
+def test_a_large_txt_file_streams_in_pieces_keeping_characters_cut_by_a_piece_boundary(tmp_path):
+    path, _ = big_text(tmp_path, b"")
+    blocks = list(corpus.file_docs([path], "blank_line", "text"))
+    assert blocks == [b.strip() for b in path.read_text().split("\n\n")]
+    assert list(corpus.file_docs([path], "file", "text")) == [path.read_text()]
+
+
+@pytest.mark.parametrize("tail, message", [(b"caf\xe9 au lait", "not UTF-8 text \\(byte {at}: invalid continuation"),
+                                           (b"ab\x00", "a binary file, not text \\(NUL byte at offset {at}\\)")])
+def test_a_bad_byte_after_the_first_piece_is_named_by_its_offset_in_the_file(tmp_path, tail, message):
+    path, offset = big_text(tmp_path, tail)
+    at = offset + (3 if tail.startswith(b"caf") else 2)
+    with pytest.raises(ValueError, match=f"{path}: " + message.format(at=at)):
+        list(corpus.file_docs([path], "blank_line", "text"))
+    with pytest.raises(ValueError, match=str(path)):
+        tokenize.run(files_config([path], txt_split="blank_line"), tmp_path / "out")
+
+
+def test_a_parquet_row_without_text_in_a_later_batch_fails_the_run_naming_file_and_row(tmp_path):
+    import pandas as pd
+    texts = [f"{s} (copy {i})" for i, s in enumerate(sentences(60) * 50)]
+    texts[2500] = None
+    path = tmp_path / "docs.parquet"
+    pd.DataFrame({"text": texts}).to_parquet(path, row_group_size=1000)
+    with pytest.raises(ValueError, match=f"{path}: row 2500 has no text in column 'text'"):
+        tokenize.run(files_config([path]), tmp_path / "out")
+
+
+def test_the_default_worker_count_is_the_jobs_threads_when_snakemake_sets_them(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    assert tokenize.available_cpus() == cpus
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Snakemake exports for a job of `threads: 1`
+    assert tokenize.available_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cpus + 5))
+    assert tokenize.available_cpus() == cpus

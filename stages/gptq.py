@@ -3,11 +3,13 @@
 Each linear layer's weight W (rows = outputs) is quantized column by column; the rounding error of
 a column is spread over the columns not yet quantized, weighted by the inverse Hessian of the
 layer's inputs, H = XᵀX over calibration tokens. Columns go in order of decreasing diag(H)
-(act-order), in blocks whose updates to later columns are applied lazily, once per block.
+(act-order), in blocks whose updates to later columns are applied lazily, once per block. Linears that
+read the same input (an attention block's q, k and v projections) share one H, accumulated once.
 """
 import torch
+from torch import nn
 
-from stages.model import CastedLinear
+from stages.model import CastedLinear, CausalSelfAttention
 
 
 def hessian_targets(model) -> dict:
@@ -19,27 +21,52 @@ def hessian_targets(model) -> dict:
     return targets
 
 
+def query_input_linear(attn: CausalSelfAttention) -> nn.Module:
+    """The linear of c_q that reads the attention's input: c_q itself, or its down projection when low-rank."""
+    return attn.c_q.down if isinstance(attn.c_q, nn.Sequential) else attn.c_q
+
+
+def shared_inputs(model) -> list[tuple[nn.Module, list[str]]]:
+    """Each distinct input of the quantizable weights once: (a module whose forward input it is, the weights
+    that read it). An attention module hands its input, unchanged, to c_q (or c_q.down), c_k and c_v, so the
+    three share one Hessian; every other linear, and the tied head, reads an input of its own."""
+    weight_of = {module: f"{name}.weight" for name, module in model.named_modules()}
+    groups, grouped = [], set()
+    for attn in model.modules():
+        if isinstance(attn, CausalSelfAttention):
+            readers = [weight_of[m] for m in (query_input_linear(attn), attn.c_k, attn.c_v)]
+            groups.append((attn, readers))
+            grouped.update(readers)
+    return groups + [(module, [name]) for name, module in hessian_targets(model).items() if name not in grouped]
+
+
 @torch.no_grad()
 def collect_hessians(model, batches, device) -> dict:
-    """H = Σ XᵀX (fp32) of each quantizable weight's input over the calibration batches."""
-    hessians, hooks = {}, []
+    """H = Σ XᵀX (fp32) of each quantizable weight's input over the calibration batches, computed on `device`
+    (where the model must be) and returned on the CPU. Weights that read one input get one and the same
+    tensor: read it, never change it in place."""
+    groups = shared_inputs(model)
+    sums, hooks = [None] * len(groups), []
 
-    def accumulate(name):
+    def accumulate(i):
         def hook(module, inputs, output):
             x = inputs[0].detach().float().reshape(-1, inputs[0].size(-1))
-            h = hessians.get(name)
-            hessians[name] = x.T @ x if h is None else h.add_(x.T @ x)
+            sums[i] = x.T @ x if sums[i] is None else sums[i].add_(x.T @ x)
         return hook
 
-    for name, module in hessian_targets(model).items():
-        hooks.append(module.register_forward_hook(accumulate(name)))
+    for i, (module, _) in enumerate(groups):
+        hooks.append(module.register_forward_hook(accumulate(i)))
     try:
         for x in batches:
             model.forward_logits(x.to(device))
     finally:
         for h in hooks:
             h.remove()
-    return {name: h.cpu() for name, h in hessians.items()}
+    hessians = {}
+    for (_, names), h in zip(groups, sums):
+        if h is not None:  # None: a layer that never ran (one not yet grown in)
+            hessians.update(dict.fromkeys(names, h.cpu()))
+    return {name: hessians[name] for name in hessian_targets(model) if name in hessians}  # in the model's order
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:

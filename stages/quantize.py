@@ -4,11 +4,13 @@ Large 2-D matrices are quantized per row, by round-to-nearest or GPTQ, at the bi
 (the embedding, which is also the tied head, may get more bits than the block matrices); small
 tensors stay in floating point. Row scales come from a percentile clip or SDClip (k·std(row)),
 optionally refined by a search that minimises the Hessian-weighted error. Calibration uses training
-tokens or text the model generates itself, never val. Counted bytes = counted code + the compressed
-artifact; over the cap, or if the quantized model is no better than uniform on a calibration batch,
-the stage fails and writes nothing. So does a checkpoint that is not the one its train summary records
-(model_sha256), or whose weights are NaN/inf or beyond what the fp16 row scales can hold.
-"""
+tokens (random windows read from the memory-mapped shards: the train split is never loaded whole) or text
+the model generates itself, never val. GPTQ's Hessians (one XᵀX per distinct layer input) and the mixed_rows
+sensitivities are collected on quantize.device; the quantization itself runs on the CPU. Counted bytes =
+counted code + the compressed artifact; over the cap, or if the quantized model is no better than uniform
+on a calibration batch, the stage fails and writes nothing. So does a checkpoint that is not the one its
+train summary records (model_sha256), or whose weights are NaN/inf or beyond what the fp16 row scales can
+hold."""
 import argparse
 import base64
 import hashlib
@@ -16,6 +18,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import brotli
@@ -25,8 +28,8 @@ import torch.nn.functional as F
 
 from stages import gptq, pack, rowquant, storage
 from stages.io import verify_recorded, write_bytes, write_json
-from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite
-from stages.shards import load_tokens, manifest_shards
+from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite, pick_device
+from stages.shards import ShardSet, manifest_shards
 
 
 class QuantizationError(RuntimeError):
@@ -156,32 +159,56 @@ def tensor_report(name, w, stored, w_hat, cfg) -> dict:
             "stored_bytes": nbytes, "bits_per_weight": 8 * nbytes / w.numel()}
 
 
-def row_sensitivities(model: GPT, batches: list[torch.Tensor]) -> dict:
-    """Per-row gradient sensitivity Σ grad² · w² of every 2-D weight over the calibration batches."""
+@contextmanager
+def moved_to(model: GPT, device: torch.device):
+    """The model on `device` inside the block, and back where it was after it (its weights are quantized there)."""
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
+def row_sensitivities(model: GPT, batches: list[torch.Tensor], device: torch.device) -> dict:
+    """Per-row gradient sensitivity Σ grad² · w² of every 2-D weight over the calibration batches, computed on
+    `device` (where the model must be), returned on the CPU."""
     grad_sq = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.ndim == 2}
     for batch in batches:
         model.zero_grad(set_to_none=True)
+        batch = batch.to(device)
         model(batch[:, :-1], batch[:, 1:]).backward()
         for n, p in model.named_parameters():
             if n in grad_sq and p.grad is not None:
                 grad_sq[n] += p.grad.detach() ** 2
     model.zero_grad(set_to_none=True)
     weights = dict(model.named_parameters())
-    return {n: storage.row_sensitivity(weights[n].detach(), g) for n, g in grad_sq.items()}
+    return {n: storage.row_sensitivity(weights[n].detach(), g).cpu() for n, g in grad_sq.items()}
+
+
+def train_shards(manifest: Path, seq_len: int, key: str) -> ShardSet:
+    """The train split's shards, memory-mapped: windows are read from them, the split is never loaded whole.
+    None holding one `seq_len`-token window is an error naming the manifest and `key` (the seq_len setting)."""
+    shards = ShardSet(manifest_shards(manifest, "train"))
+    if not shards.window_counts(seq_len).any():
+        raise ValueError(f"{manifest}: none of its {len(shards.paths)} train shards (the longest has "
+                         f"{int(shards.lengths.max(initial=0)):,} tokens) can fill one {seq_len}-token window ({key})")
+    return shards
+
+
+def window_batches(shards: ShardSet, rng: np.random.Generator, batches: int, batch_seqs: int,
+                   seq_len: int) -> list[torch.Tensor]:
+    """`batches` int64 batches of `batch_seqs` random `seq_len`-token windows, uniform over the windows that lie
+    inside one shard."""
+    windows = shards.read(*shards.random_windows(rng, batches * batch_seqs, seq_len), seq_len)
+    return list(torch.from_numpy(windows).reshape(batches, batch_seqs, seq_len).unbind(0))
 
 
 def train_calibration(manifest: Path, cal: dict, seed: int) -> list[torch.Tensor]:
     """Random windows of training tokens (never val), seeded by the run's seed."""
-    tokens = load_tokens(manifest_shards(manifest, "train"))
-    if len(tokens) <= cal["seq_len"]:
-        raise QuantizationError(f"{manifest}: {len(tokens)} train tokens cannot fill one "
-                                f"{cal['seq_len']}-token calibration sequence (quantize.calibration.seq_len)")
-    rng = np.random.default_rng([seed, 0xCA1])
-    batches = []
-    for _ in range(cal["batches"]):
-        starts = rng.integers(0, len(tokens) - cal["seq_len"], size=cal["batch_seqs"])
-        batches.append(torch.from_numpy(np.stack([tokens[s:s + cal["seq_len"]] for s in starts]).astype(np.int64)))
-    return batches
+    shards = train_shards(manifest, cal["seq_len"], "quantize.calibration.seq_len")
+    return window_batches(shards, np.random.default_rng([seed, 0xCA1]), cal["batches"], cal["batch_seqs"],
+                          cal["seq_len"])
 
 
 @torch.no_grad()
@@ -331,15 +358,18 @@ def check_hessians(hessians: dict, source) -> None:
 
 def build_artifact(model: GPT, cfg: dict, batches: list[torch.Tensor], code_bytes: int,
                    source="model") -> tuple[bytes, dict]:
-    """Quantize a model into artifact bytes; the report is measured on what the artifact decodes to. Errors
-    name `source` (the checkpoint)."""
+    """Quantize a model into artifact bytes; the report is measured on what the artifact decodes to. The
+    calibration passes (Hessians, sensitivities) run on quantize.device, the rest on the CPU. Errors name
+    `source` (the checkpoint)."""
     target = size_target(cfg, code_bytes)
+    device = pick_device(cfg["device"], "quantize.device")
     t0 = time.time()
     needs_hessian = cfg["method"] == "gptq" or cfg["clip_search"]
-    hessians = gptq.collect_hessians(model, batches, torch.device("cpu")) if needs_hessian else {}
-    check_hessians(hessians, source)
-    hessian_seconds = time.time() - t0
-    sensitivity = row_sensitivities(model, batches) if cfg["storage"]["form"] == "mixed_rows" else {}
+    with moved_to(model, device):
+        hessians = gptq.collect_hessians(model, batches, device) if needs_hessian else {}
+        check_hessians(hessians, source)
+        hessian_seconds = time.time() - t0
+        sensitivity = row_sensitivities(model, batches, device) if cfg["storage"]["form"] == "mixed_rows" else {}
     weights, model_config = model.state_dict(), model.config.to_dict()
     entries = []
     for name, w in weights.items():
@@ -365,7 +395,8 @@ def build_artifact(model: GPT, cfg: dict, batches: list[torch.Tensor], code_byte
         "bits_per_weight": 8 * len(blob) / sum(r["numel"] for r in reports),
         "quantized_params": sum(r["numel"] for r in reports if r["kind"] != "float"),
         "largest_tensors": sorted(reports, key=lambda r: -r["stored_bytes"])[:10],
-        "hessian_seconds": round(hessian_seconds, 3), "quantize_seconds": round(quantize_seconds, 3)}
+        "device": str(device), "hessian_seconds": round(hessian_seconds, 3),
+        "quantize_seconds": round(quantize_seconds, 3)}
 
 
 def run(cfg: dict, checkpoint: Path, checkpoint_summary: Path, manifest: Path, seed: int, out: Path,

@@ -8,8 +8,9 @@ Two post-quantization fits of the dequantized model ("student") by KL(teacher �
 - calibration (PR #1818's designed-but-unbuilt loop): only the float control tensors (attn/mlp scales,
   resid_mix, q_gain, skip weights) are refitted; every other weight is frozen.
 With both on, LCQ runs first and stores its quantized factors; calibration then fits the model those
-entries decode to (the LoRA frozen, as stored). Fit batches and the held-out batches that measure
-before/after are random windows of TRAIN tokens (never val) from two seed streams. Every number is
+entries decode to (the LoRA frozen, as stored). Both fits run on rescue.device. Fit batches and the held-out
+batches that measure before/after are random windows of TRAIN tokens (never val) from two seed streams, read
+from the memory-mapped shards (the train split is never loaded whole). Every number is
 measured on what the written artifact decodes to; over the cap, or broken (a fit that diverged to NaN
 included), nothing is written. The artifact and the teacher must match the sha256 their stages recorded.
 """
@@ -29,10 +30,7 @@ from torch.nn.utils import parametrize
 
 from stages import pack, quantize, rowquant
 from stages.io import verify_recorded, write_bytes, write_json
-from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite
-from stages.shards import load_tokens, manifest_shards
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite, pick_device
 
 
 def check_config(cfg: dict) -> None:
@@ -42,16 +40,11 @@ def check_config(cfg: dict) -> None:
 
 def train_batches(manifest: Path, data: dict, seed: int) -> tuple[list, list]:
     """Fit and held-out batches: random windows of TRAIN tokens (never val), from two seed streams."""
-    tokens = load_tokens(manifest_shards(manifest, "train"))
-    if len(tokens) <= data["seq_len"]:
-        raise ValueError(f"{manifest}: {len(tokens)} train tokens cannot fill one {data['seq_len']}-token "
-                         f"window (rescue.data.seq_len)")
+    shards = quantize.train_shards(manifest, data["seq_len"], "rescue.data.seq_len")
 
     def draw(count, stream):
-        rng = np.random.default_rng([seed, 0x5E5C, stream])
-        starts = rng.integers(0, len(tokens) - data["seq_len"], size=(count, data["batch_seqs"]))
-        return [torch.from_numpy(np.stack([tokens[s:s + data["seq_len"]] for s in row]).astype(np.int64))
-                for row in starts]
+        return quantize.window_batches(shards, np.random.default_rng([seed, 0x5E5C, stream]), count,
+                                       data["batch_seqs"], data["seq_len"])
     return draw(data["batches"], 0), draw(data["holdout_batches"], 1)
 
 
@@ -63,10 +56,11 @@ def editable(t: dict) -> dict:
     return t
 
 
-def decoded_model(entries: list[dict], model_config: dict) -> GPT:
+def decoded_model(entries: list[dict], model_config: dict, device: torch.device) -> GPT:
+    """The model the entries decode to, on `device`, frozen."""
     model = GPT(GPTConfig.from_dict(model_config))
     model.load_state_dict(pack.state_dict_from_tensors(entries))
-    return model.to(DEVICE).eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def kl_divergence(teacher_logits, student_logits, temperature: float = 1.0) -> torch.Tensor:
@@ -76,12 +70,14 @@ def kl_divergence(teacher_logits, student_logits, temperature: float = 1.0) -> t
     return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
 
 
-def distill(student, teacher, params, batches, steps: int, lr: float, temperature: float) -> dict:
-    """Adam on `params` only, cycling over the batches; the KL of the first and last steps."""
+def distill(student, teacher, params, batches, steps: int, lr: float, temperature: float,
+            device: torch.device) -> dict:
+    """Adam on `params` only, cycling over the batches (moved to `device`, the models' device); the KL of the
+    first and last steps."""
     optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
     for step in range(steps):
-        x = batches[step % len(batches)][:, :-1].to(DEVICE)
+        x = batches[step % len(batches)][:, :-1].to(device)
         with torch.no_grad():
             target = teacher.forward_logits(x)
         loss = kl_divergence(target, student.forward_logits(x), temperature)
@@ -102,13 +98,14 @@ def check_finite(tensors: dict, key: str, fit: dict) -> None:
 
 
 class LowRankDelta(nn.Module):
-    """Parametrization W -> W + B·A: A (rank × in) small and random, B (out × rank) zero."""
+    """Parametrization W -> W + B·A on `device`: A (rank × in) small and random, B (out × rank) zero. A is drawn
+    on the CPU, from `gen`, so that every device starts from the same A."""
 
-    def __init__(self, rows: int, cols: int, rank: int, gen: torch.Generator):
+    def __init__(self, rows: int, cols: int, rank: int, gen: torch.Generator, device: torch.device):
         super().__init__()
         bound = 1 / math.sqrt(cols)
-        self.a = nn.Parameter(torch.empty(rank, cols).uniform_(-bound, bound, generator=gen).to(DEVICE))
-        self.b = nn.Parameter(torch.zeros(rows, rank, device=DEVICE))
+        self.a = nn.Parameter(torch.empty(rank, cols).uniform_(-bound, bound, generator=gen).to(device))
+        self.b = nn.Parameter(torch.zeros(rows, rank, device=device))
 
     def forward(self, w):
         return w + self.b @ self.a
@@ -134,23 +131,23 @@ def store_correction(entry: dict, correction: torch.Tensor, rank: int, bits: int
     entry.update(lqer_rank=rank, lqer_bits=bits)
 
 
-def lcq(entries, model_config, teacher, batches, cfg: dict, seed: int) -> dict:
-    """Distill a LoRA on the targeted rows entries, then fold it into their LQER factors. An existing LQER
-    correction is frozen during the fit; afterwards old + new is re-factored at rank old + new and the
-    factors re-quantized at factor_bits: lqer_a's per-row scale spans old and new columns, so the old codes
-    could not be kept verbatim anyway."""
+def lcq(entries, model_config, teacher, batches, cfg: dict, seed: int, device: torch.device) -> dict:
+    """Distill a LoRA on the targeted rows entries (on `device`, the teacher's), then fold it into their LQER
+    factors. An existing LQER correction is frozen during the fit; afterwards old + new is re-factored at rank
+    old + new and the factors re-quantized at factor_bits: lqer_a's per-row scale spans old and new columns, so
+    the old codes could not be kept verbatim anyway."""
     targets = [e for e in entries if e["kind"] == "rows" and any(s in e["name"] for s in cfg["targets"])]
     if not targets:
         raise ValueError(f"rescue.lcq.targets {cfg['targets']} match no row-quantized tensor")
-    student = decoded_model(entries, model_config)
+    student = decoded_model(entries, model_config, device)
     gen = torch.Generator().manual_seed(seed)
     deltas = {}
     for e in targets:
         module_name = e["name"].removesuffix(".weight")
-        deltas[e["name"]] = LowRankDelta(*e["shape"], cfg["rank"], gen)
+        deltas[e["name"]] = LowRankDelta(*e["shape"], cfg["rank"], gen, device)
         parametrize.register_parametrization(student.get_submodule(module_name), "weight", deltas[e["name"]])
     params = [p for d in deltas.values() for p in d.parameters()]
-    fit = distill(student, teacher, params, batches, cfg["steps"], cfg["lr"], cfg["temperature"])
+    fit = distill(student, teacher, params, batches, cfg["steps"], cfg["lr"], cfg["temperature"], device)
     check_finite({f"the LoRA of {name}": torch.cat([d.a.flatten(), d.b.flatten()]) for name, d in deltas.items()},
                  "rescue.lcq", fit)
     trained = []
@@ -164,13 +161,14 @@ def lcq(entries, model_config, teacher, batches, cfg: dict, seed: int) -> dict:
     return {"tensors": trained, "lora_params": sum(p.numel() for p in params), **fit}
 
 
-def calibrate(entries, model_config, teacher, batches, cfg: dict) -> dict:
-    """Refit the float control tensors by KL at temperature 1, all else frozen; written back in their dtype."""
+def calibrate(entries, model_config, teacher, batches, cfg: dict, device: torch.device) -> dict:
+    """Refit the float control tensors by KL at temperature 1 (on `device`, the teacher's), all else frozen;
+    written back in their dtype."""
     names = [e["name"] for e in entries if e["kind"] == "float" and is_control_tensor(e["name"])]
-    student = decoded_model(entries, model_config)
+    student = decoded_model(entries, model_config, device)
     params = dict(student.named_parameters())
     fit = distill(student, teacher, [params[n].requires_grad_(True) for n in names], batches,
-                  cfg["iterations"], cfg["lr"], 1.0)
+                  cfg["iterations"], cfg["lr"], 1.0, device)
     check_finite({f"the refitted {n}": params[n] for n in names}, "rescue.calibrate", fit)
     for e in entries:
         if e["name"] in names:
@@ -179,11 +177,12 @@ def calibrate(entries, model_config, teacher, batches, cfg: dict) -> dict:
 
 
 @torch.no_grad()
-def holdout_metrics(model: GPT, teacher: GPT, batches) -> dict:
-    """Mean KL to the teacher and CE loss (nats per token) on the held-out train batches."""
+def holdout_metrics(model: GPT, teacher: GPT, batches, device: torch.device) -> dict:
+    """Mean KL to the teacher and CE loss (nats per token) on the held-out train batches, on `device` (the
+    models')."""
     kl, loss = [], []
     for batch in batches:
-        x, y = batch[:, :-1].to(DEVICE), batch[:, 1:].to(DEVICE)
+        x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
         logits = model.forward_logits(x)
         kl.append(float(kl_divergence(teacher.forward_logits(x), logits)))
         loss.append(float(F.cross_entropy(logits.flatten(0, 1), y.flatten())))
@@ -194,6 +193,7 @@ def run(cfg: dict, artifact: Path, quantize_summary: Path, teacher_path: Path, t
         manifest: Path, seed: int, out: Path, summary_path: Path) -> dict:
     start = time.time()
     check_config(cfg)
+    device = pick_device(cfg["device"], "rescue.device")
     qsum = verify_recorded(artifact, quantize_summary, "artifact_sha256")
     verify_recorded(teacher_path, teacher_summary, "model_sha256")
     qcfg = qsum["config"]
@@ -202,28 +202,28 @@ def run(cfg: dict, artifact: Path, quantize_summary: Path, teacher_path: Path, t
     entries, model_config = [editable(t) for t in stored], header["model_config"]
     teacher = load_checkpoint(teacher_path)
     teacher_weights = teacher.state_dict()  # on the CPU, as the decoded state they are compared with
-    teacher = teacher.to(DEVICE).requires_grad_(False)
+    teacher = teacher.to(device).requires_grad_(False)
     fit_batches, holdout = train_batches(manifest, cfg["data"], seed)
-    before = holdout_metrics(decoded_model(entries, model_config), teacher, holdout)
+    before = holdout_metrics(decoded_model(entries, model_config, device), teacher, holdout, device)
 
     trained = {}
     if cfg["lcq"]["enabled"]:
-        trained["lcq"] = lcq(entries, model_config, teacher, fit_batches, cfg["lcq"], seed)
+        trained["lcq"] = lcq(entries, model_config, teacher, fit_batches, cfg["lcq"], seed, device)
     if cfg["calibrate"]["enabled"]:
-        trained["calibrate"] = calibrate(entries, model_config, teacher, fit_batches, cfg["calibrate"])
+        trained["calibrate"] = calibrate(entries, model_config, teacher, fit_batches, cfg["calibrate"], device)
 
     blob, sizes = quantize.serialize(entries, model_config, qcfg)
     _, decoded = pack.unpack_tensors(pack.decompress(blob))
     state = pack.state_dict_from_tensors(decoded)
     reports = [{"name": n, "rel_error": quantize.relative_error(w, state[n])} for n, w in teacher_weights.items()]
     guard = quantize.check_quantized_model(state, model_config, holdout[0], qcfg, reports, f"rescue ({out})")
-    after = holdout_metrics(decoded_model(decoded, model_config), teacher, holdout)
+    after = holdout_metrics(decoded_model(decoded, model_config, device), teacher, holdout, device)
     total = len(blob) + qsum["code_bytes"]
     summary = {"config": cfg, "artifact": str(artifact), "artifact_sha256": hashlib.sha256(blob).hexdigest(),
-               "teacher": str(teacher_path), "seed": seed,
+               "teacher": str(teacher_path), "seed": seed, "device": str(device),
                "trained": trained, "holdout_tokens": sum(b[:, 1:].numel() for b in holdout),
                "kl_before": before["kl"], "kl_after": after["kl"], "loss_before": before["loss"],
-               "loss_after": after["loss"], "teacher_loss": holdout_metrics(teacher, teacher, holdout)["loss"],
+               "loss_after": after["loss"], "teacher_loss": holdout_metrics(teacher, teacher, holdout, device)["loss"],
                "model_bytes_before": len(blob_before), "model_bytes": len(blob),
                "lora_bytes": len(blob) - len(blob_before), "compressed_sizes": sizes,
                "code_bytes": qsum["code_bytes"], "total_bytes": total, "cap_bytes": qsum["cap_bytes"],

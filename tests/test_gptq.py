@@ -78,3 +78,75 @@ def test_hessian_hooks_see_every_quantized_layer(tied):
         cols = model.state_dict()[name].shape[1]
         assert h.shape == (cols, cols) and torch.allclose(h, h.T, atol=1e-3)
     assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+
+
+def per_linear_hessians(model, batches, device) -> dict:
+    """The reference: one hook and one XᵀX per quantizable weight, whatever input it shares."""
+    hessians, hooks = {}, []
+
+    def accumulate(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].size(-1))
+            hessians[name] = x.T @ x if name not in hessians else hessians[name].add_(x.T @ x)
+        return hook
+
+    for name, module in gptq.hessian_targets(model).items():
+        hooks.append(module.register_forward_hook(accumulate(name)))
+    with torch.no_grad():
+        for x in batches:
+            model.forward_logits(x.to(device))
+    for h in hooks:
+        h.remove()
+    return hessians
+
+
+def counting_hooks(monkeypatch) -> list:
+    """The modules forward hooks are registered on, from now on."""
+    registered, register = [], torch.nn.Module.register_forward_hook
+
+    def counted(module, hook, **kwargs):
+        registered.append(module)
+        return register(module, hook, **kwargs)
+    monkeypatch.setattr(torch.nn.Module, "register_forward_hook", counted)
+    return registered
+
+
+ARCHITECTURES = {"baseline": {}, "untied": {"tie_embeddings": False}, "low-rank q": {"q_rank": 8},
+                 "parallel lanes": {"parallel_from": 1}, "recurrence": {"recur_layers": [1, 2], "recur_loops": 2},
+                 "xsa": {"xsa_layers": 2}}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_q_k_v_share_one_hessian_equal_to_the_per_linear_one_with_fewer_accumulations(arch, monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1,
+                          **ARCHITECTURES[arch])).eval()
+    with torch.no_grad():  # the zero-initialised projections would leave later inputs all alike
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    batches = [torch.randint(0, 64, (2, 16)) for _ in range(3)]
+    reference = per_linear_hessians(model, batches, torch.device("cpu"))
+    registered = counting_hooks(monkeypatch)
+    shared = gptq.collect_hessians(model, batches, torch.device("cpu"))
+    assert list(shared) == list(reference)  # the same weights, in the model's order
+    for name in reference:
+        assert torch.equal(shared[name], reference[name]), name  # bit for bit: GPTQ's codes cannot change
+    q = "c_q.down" if arch == "low-rank q" else "c_q"
+    for i in range(3):
+        qkv = [shared[f"blocks.{i}.attn.{m}.weight"] for m in (q, "c_k", "c_v")]
+        assert qkv[0] is qkv[1] is qkv[2]
+    assert len(registered) == len({id(h) for h in shared.values()}) == len(reference) - 2 * 3
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hessians_collected_on_cuda_match_the_cpu_ones_and_come_back_on_the_cpu():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1)).eval()
+    batches = [torch.randint(0, 64, (2, 16)) for _ in range(3)]
+    on_cpu = gptq.collect_hessians(model, batches, torch.device("cpu"))
+    on_cuda = gptq.collect_hessians(model.to("cuda"), batches, torch.device("cuda"))
+    assert list(on_cuda) == list(on_cpu)
+    for name, h in on_cuda.items():
+        assert h.device.type == "cpu" and torch.allclose(h, on_cpu[name], rtol=1e-4, atol=1e-4 * h.abs().max())

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from conftest import tiny_quantize_config
 from files import flip_mantissa_bit, save_checkpoint, summary_of
 from stages import io, pack, quantize, rowquant
 from stages.model import load_checkpoint
+from stages.shards import shard_name, write_shard
+from test_gptq import per_linear_hessians
 
 
 def run(cfg, ckpt, data, tmp_path, name="artifact"):
@@ -311,3 +314,84 @@ def test_a_checkpoint_broken_before_quantization_is_named_as_such(tiny_checkpoin
     with pytest.raises(quantize.QuantizationError, match=r"the checkpoint itself scores .* it was broken before"):
         run(tiny_quantize_config(), broken, tiny_data, tmp_path)
     assert not (tmp_path / "artifact.bin").exists()
+
+
+SHARD_STRIDE = 16_000  # shard i holds the tokens i·16000, i·16000 + 1, ...: a window across two jumps by > 1
+
+
+def synthetic_train_set(folder, lengths, tokens=None) -> Path:
+    """A manifest of train shards of `lengths` tokens (by default counting up from i·SHARD_STRIDE in shard i),
+    and one val shard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for split, index, n in [("train", i, n) for i, n in enumerate(lengths)] + [("val", 0, 100)]:
+        path = folder / shard_name(split, index)
+        write_shard(path, tokens(n) if tokens else np.arange(n) + index * SHARD_STRIDE)
+        shards.append({"name": path.name, "split": split, "tokens": n, "sha256": io.sha256_file(path)})
+    io.write_json(folder / "manifest.json", {"shards": shards})
+    return folder / "manifest.json"
+
+
+def test_calibration_windows_lie_inside_one_shard_and_follow_the_seed(tmp_path):
+    manifest = synthetic_train_set(tmp_path, [3000, 70, 5000])
+    cal = {**tiny_quantize_config()["calibration"], "batches": 4, "batch_seqs": 32, "seq_len": 100}
+    batches = quantize.train_calibration(manifest, cal, seed=1)
+    assert len(batches) == 4 and all(b.shape == (32, 100) and b.dtype == torch.int64 for b in batches)
+    rows = torch.cat(batches)
+    assert (rows.diff(dim=1) == 1).all()  # consecutive tokens of one shard: none crosses into the next
+    assert set((rows[:, 0] // SHARD_STRIDE).tolist()) == {0, 2}  # the 70-token shard holds no window
+    assert all(torch.equal(a, b) for a, b in zip(batches, quantize.train_calibration(manifest, cal, seed=1)))
+    assert not torch.equal(rows, torch.cat(quantize.train_calibration(manifest, cal, seed=2)))
+
+
+def test_calibration_reads_windows_without_loading_the_train_split(tmp_path):
+    import tracemalloc
+    manifest = synthetic_train_set(tmp_path, [8_000_000] * 4, tokens=lambda n: np.arange(n) % 1000)
+    tracemalloc.start()
+    try:
+        batches = quantize.train_calibration(manifest, tiny_quantize_config()["calibration"], seed=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(batches) == 2 and peak < 16_000_000  # one shard is 16 MB, the split 64 MB
+
+
+def test_no_shard_long_enough_for_one_calibration_window_names_the_manifest_and_key(tmp_path):
+    manifest = synthetic_train_set(tmp_path, [50, 63])
+    with pytest.raises(ValueError, match=r"manifest.json: none of its 2 train shards \(the longest has 63 tokens\) "
+                                         r"can fill one 64-token window \(quantize.calibration.seq_len\)"):
+        quantize.train_calibration(manifest, tiny_quantize_config()["calibration"], seed=1)
+
+
+def test_shared_input_hessians_give_the_artifact_per_linear_ones_give(tiny_checkpoint, tiny_data, tmp_path,
+                                                                       monkeypatch):
+    cfg = tiny_quantize_config(method="gptq", bits=6, clip_search=True)
+    shared = run(cfg, tiny_checkpoint, tiny_data, tmp_path, "shared")
+    monkeypatch.setattr(quantize.gptq, "collect_hessians", per_linear_hessians)
+    reference = run(cfg, tiny_checkpoint, tiny_data, tmp_path, "reference")
+    assert (tmp_path / "shared.bin").read_bytes() == (tmp_path / "reference.bin").read_bytes()
+    assert shared["device"] == reference["device"] == "cpu"
+
+
+def test_auto_device_without_cuda_is_the_cpu_and_cuda_requested_is_an_error_naming_the_key(
+        tiny_checkpoint, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tiny_quantize_config(method="gptq", bits=6)
+    assert run({**cfg, "device": "auto"}, tiny_checkpoint, tiny_data, tmp_path, "auto")["device"] == "cpu"
+    with pytest.raises(RuntimeError, match=r"quantize.device: cuda requested but no CUDA device is available"):
+        run({**cfg, "device": "cuda"}, tiny_checkpoint, tiny_data, tmp_path, "cuda")
+    assert not (tmp_path / "cuda.bin").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gptq_on_cuda_records_it_and_leaves_the_model_on_the_cpu(tiny_checkpoint, tiny_data, tmp_path):
+    cfg = tiny_quantize_config(method="gptq", bits=6, storage={**tiny_quantize_config()["storage"],
+                                                                "form": "mixed_rows"})
+    on_cpu = run(cfg, tiny_checkpoint, tiny_data, tmp_path, "cpu")
+    on_cuda = run({**cfg, "device": "cuda"}, tiny_checkpoint, tiny_data, tmp_path, "cuda")
+    assert on_cuda["device"] == "cuda" and on_cpu["device"] == "cpu"
+    assert on_cuda["calibration_loss"] == pytest.approx(on_cpu["calibration_loss"], abs=0.02)
+    model = load_checkpoint(tiny_checkpoint)
+    batches = quantize.train_calibration(tiny_data["manifest"], cfg["calibration"], seed=1)
+    quantize.build_artifact(model, {**cfg, "device": "cuda"}, batches, 0)
+    assert all(p.device.type == "cpu" for p in model.parameters())

@@ -8,6 +8,7 @@ from conftest import tiny_quantize_config
 from files import change_byte, flip_mantissa_bit, save_checkpoint, summary_of
 from stages import io, pack, quantize, rescue
 from stages.shards import load_tokens, manifest_shards
+from test_quantize import SHARD_STRIDE, synthetic_train_set
 
 TARGETS = ["attn.c_q", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj"]
 
@@ -16,7 +17,7 @@ def rescue_config(lcq=True, calibrate=False) -> dict:
     return {"lcq": {"enabled": lcq, "rank": 4, "targets": TARGETS, "factor_bits": 6, "steps": 40, "lr": 3e-3,
                     "temperature": 1.0},
             "calibrate": {"enabled": calibrate, "iterations": 30, "lr": 1e-2},
-            "data": {"batches": 4, "batch_seqs": 8, "seq_len": 64, "holdout_batches": 2}}
+            "data": {"batches": 4, "batch_seqs": 8, "seq_len": 64, "holdout_batches": 2}, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,7 @@ def check_lora_round_trips(summary, before_path, after_path) -> int:
 
 def test_lcq_stores_its_lora_in_the_artifact_and_lowers_kl(quantized, tiny_checkpoint, tiny_data, tmp_path):
     s = run(rescue_config(), quantized, tiny_checkpoint, tiny_data, tmp_path)
+    assert s["device"] == "cpu"
     assert s["kl_after"] < 0.9 * s["kl_before"] and s["trained"]["lcq"]["last_kl"] < s["trained"]["lcq"]["first_kl"]
     added = check_lora_round_trips(s, quantized / "plain.bin", tmp_path / "rescued.bin")
     assert s["lora_bytes"] == s["model_bytes"] - s["model_bytes_before"] > 0
@@ -168,3 +170,33 @@ def test_a_changed_teacher_is_refused_naming_it(quantized, tiny_checkpoint, tiny
     flip_mantissa_bit(teacher, ckpt["state_dict"]["blocks.0.attn.proj.weight"])
     with pytest.raises(io.IntegrityError, match=r"train/model.pt: sha256 .* recorded in .*train/summary.json"):
         run(rescue_config(), quantized, teacher, tiny_data, tmp_path)
+
+
+def test_batches_lie_inside_one_shard_and_a_split_too_short_names_the_key(tmp_path):
+    data = {**rescue_config()["data"], "seq_len": 100}
+    fit, holdout = rescue.train_batches(synthetic_train_set(tmp_path / "ok", [3000, 70, 5000]), data, seed=1)
+    rows = torch.cat(fit + holdout)
+    assert rows.shape == (6 * 8, 100) and (rows.diff(dim=1) == 1).all()  # none crosses into the next shard
+    assert set((rows[:, 0] // SHARD_STRIDE).tolist()) <= {0, 2}
+    with pytest.raises(ValueError, match=r"none of its 1 train shards \(the longest has 99 tokens\) can fill one "
+                                         r"100-token window \(rescue.data.seq_len\)"):
+        rescue.train_batches(synthetic_train_set(tmp_path / "short", [99]), data, seed=1)
+
+
+def test_auto_device_without_cuda_is_the_cpu_and_cuda_requested_is_an_error_naming_the_key(
+        quantized, tiny_checkpoint, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = rescue_config()
+    cfg["lcq"]["steps"] = 2
+    assert run({**cfg, "device": "auto"}, quantized, tiny_checkpoint, tiny_data, tmp_path)["device"] == "cpu"
+    (tmp_path / "rescued.bin").unlink()
+    with pytest.raises(RuntimeError, match=r"rescue.device: cuda requested but no CUDA device is available"):
+        run({**cfg, "device": "cuda"}, quantized, tiny_checkpoint, tiny_data, tmp_path)
+    assert not (tmp_path / "rescued.bin").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_both_fits_on_cuda_record_it_and_lower_kl(quantized, tiny_checkpoint, tiny_data, tmp_path):
+    s = run({**rescue_config(calibrate=True), "device": "cuda"}, quantized, tiny_checkpoint, tiny_data, tmp_path)
+    assert s["device"] == "cuda" and s["kl_after"] < 0.9 * s["kl_before"]
+    check_lora_round_trips(s, quantized / "plain.bin", tmp_path / "rescued.bin")

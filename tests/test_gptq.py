@@ -140,6 +140,7 @@ def test_q_k_v_share_one_hessian_equal_to_the_per_linear_one_with_fewer_accumula
     assert not any(m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_hessians_collected_on_cuda_match_the_cpu_ones_and_come_back_on_the_cpu():
     torch.manual_seed(0)

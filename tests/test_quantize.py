@@ -383,6 +383,7 @@ def test_auto_device_without_cuda_is_the_cpu_and_cuda_requested_is_an_error_nami
     assert not (tmp_path / "cuda.bin").exists()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gptq_on_cuda_records_it_and_leaves_the_model_on_the_cpu(tiny_checkpoint, tiny_data, tmp_path):
     cfg = tiny_quantize_config(method="gptq", bits=6, storage={**tiny_quantize_config()["storage"],

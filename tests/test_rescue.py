@@ -195,6 +195,7 @@ def test_auto_device_without_cuda_is_the_cpu_and_cuda_requested_is_an_error_nami
     assert not (tmp_path / "rescued.bin").exists()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_both_fits_on_cuda_record_it_and_lower_kl(quantized, tiny_checkpoint, tiny_data, tmp_path):
     s = run({**rescue_config(calibrate=True), "device": "cuda"}, quantized, tiny_checkpoint, tiny_data, tmp_path)

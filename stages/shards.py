@@ -149,7 +149,7 @@ def document_spans(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndar
     return starts[keep], ends[keep]
 
 
-def document_chunks(shards: "ShardSet", bos_id: int, chunk_tokens: int = 1 << 23):
+def document_chunks(shards: "ShardSet", bos_id: int, chunk_tokens: int = 1 << 20):
     """Yield (tokens as int64, starts, ends) of whole documents, chunk by chunk through the split's shards
     in order: a document cut by a chunk or shard boundary is carried whole into the next chunk, so memory is
     one chunk (plus the longest document), whatever the split's size."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from stages import layout
 from stages.config import ConfigError, deep_merge, validate
 
 SMEAR_GATE_DIMS = 12  # stages.model.SMEAR_GATE_DIMS (stages.model imports torch, too slow for every plan)
@@ -79,8 +80,13 @@ def model_shape(cfg: dict):
     recur = m["recur_layers"]
     if recur and not recur[0] <= recur[1] < layers:
         yield f"{at}.recur_layers: {recur} must be [a, b] with a <= b < {at}.num_layers {layers}"
-    if m["smear_gate"] and dim < SMEAR_GATE_DIMS:
-        yield f"{at}.smear_gate: needs {at}.model_dim >= {SMEAR_GATE_DIMS}, got {dim}"
+    elif problem := layout.parallel_problem(layers, m["parallel_from"], recur, m["recur_loops"]):
+        yield f"{at}.parallel_from: {problem}"
+    for gate in ("smear_gate", "sparse_attn_gate"):
+        if m[gate] and dim < SMEAR_GATE_DIMS:
+            yield f"{at}.{gate}: needs {at}.model_dim >= {SMEAR_GATE_DIMS}, got {dim}"
+    if m["asym_logit"] and not m["logit_softcap"]:
+        yield f"{at}.asym_logit: needs {at}.logit_softcap > 0 (the caps start at it)"
     if m["q_rank"] >= dim:
         yield f"{at}.q_rank: {m['q_rank']} must be below {at}.model_dim {dim} (0 = full rank)"
     if m["qat_bits"] == 1:

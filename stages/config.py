@@ -16,6 +16,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from stages.shards import split_shards
+
 STAGES_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = STAGES_DIR.parent / "schemas" / "config.schema.yaml"
 POINTS = ("prequant", "quant", "rescue")
@@ -68,14 +70,34 @@ def _registry(root_schema):
     return Registry().with_resource("caddie:config", Resource.from_contents(root_schema))
 
 
+def selected_arms(config: dict) -> dict:
+    """The arms that run: those `only_arms` names, in its order, or all of them when it is null or absent.
+    A preset names its own arms this way, since a --configfile can only add arms to config.yaml's."""
+    names = config.get("only_arms")
+    if names is None:
+        return config["arms"]
+    unknown = ", ".join(repr(name) for name in names if name not in config["arms"])
+    if unknown:
+        raise ConfigError(f"only_arms: {unknown} not among the arms ({', '.join(config['arms'])})")
+    return {name: config["arms"][name] for name in names}
+
+
 def validate(config: dict, source: str = "config") -> None:
     """Raise ConfigError listing every problem, each with its key path (e.g. arms.int6.quantize.bitz): the
     schema's, then (on a config the schema accepts) the plan-time checks of the defaults and of every arm
-    merged over them, an arm's only where they are not the defaults' own."""
+    merged over them, an arm's only where they are not the defaults' own.
+
+    A config that sets `only_arms` is narrowed to those arms here, in place: the rules read `config["arms"]`
+    after this call, so the other arms are neither checked nor planned nor reported."""
     from stages import checks  # it imports this module
     schema = load_schema()
     schema.setdefault("$id", "caddie:config")
     problems = _check(config, schema, "", schema) + list(non_finite_numbers(config))
+    if not problems:
+        try:
+            config["arms"] = selected_arms(config)
+        except ConfigError as e:
+            problems.append(str(e))
     if not problems:
         stage_schema = {"$ref": "caddie:config#/$defs/stages"}
         for arm, override in config["arms"].items():
@@ -83,6 +105,7 @@ def validate(config: dict, source: str = "config") -> None:
             problems += _check(merged, stage_schema, f"arms.{arm}", schema)
         if config["report"]["baseline_arm"] not in config["arms"]:
             problems.append(f"report.baseline_arm: {config['report']['baseline_arm']!r} is not an arm "
+                            f"{'that only_arms selects ' if config.get('only_arms') else ''}"
                             f"(arms: {', '.join(config['arms'])})")
     if not problems:  # the checks read settings whose types the schema has vouched for
         inherited = checks.problems(config["defaults"])
@@ -152,6 +175,15 @@ def train_section(cfg: dict) -> dict:
         train["replay"] = {"every": 0}
     if not train["max_seconds"]:  # the reserve only shortens a wallclock budget
         train["gptq_reserve_seconds"] = 0
+    if train["warmdown_frac"]:  # a warmdown by fraction replaces the one by iterations
+        train["warmdown_iters"] = 0
+    if not train["warmdown_frac"] and not train["warmdown_iters"]:  # no warmdown: nothing to floor
+        train["min_lr"] = 0.0
+    if not train["seq_growth"]["lengths"]:
+        train["seq_growth"] = {"lengths": [], "until": [], "rewarm_steps": 0}
+    opt = train["optimizer"]
+    if not opt["grad_clip_norm"] or train["nproc"] == 1:  # one rank: its gradient is the average
+        train["optimizer"] = {**opt, "grad_clip_per_rank": False}
     curriculum = cfg["curriculum"] if cfg["curriculum"]["enabled"] else {"enabled": False}
     return {"train": train, "curriculum": curriculum}
 
@@ -205,7 +237,7 @@ def plan(config: dict) -> dict:
         stages[stage].setdefault(key, {"config": section, "inputs": inputs, "run": run or {}})
         return key
 
-    for arm, override in config["arms"].items():
+    for arm, override in selected_arms(config).items():
         cfg = deep_merge(config["defaults"], override)
         keys = {"tokenize": add("tokenize", tokenize_section(cfg["tokenize"]), {})}
         train_inputs = {"tokenize": keys["tokenize"]}
@@ -289,7 +321,7 @@ def challenge_files(tok: dict) -> list[str]:
     if not src["tokenizer"] or not Path(src["tokenizer"]).is_file():
         raise ConfigError(f"tokenize.challenge.tokenizer: {src['tokenizer']!r} is not a file (the SentencePiece "
                           "model of the shards is required)")
-    shards = {split: sorted(Path(src["dir"]).glob(f"fineweb_{split}_*.bin")) for split in ("train", "val")}
+    shards = {split: split_shards(src["dir"], split) for split in ("train", "val")}
     for split, paths in shards.items():
         if not paths:
             raise ConfigError(f"tokenize.challenge.dir: {src['dir']!r} holds no fineweb_{split}_*.bin shards")

@@ -3,6 +3,7 @@ records' architecture options (each off by default, so the defaults reproduce th
 
 Parameter names match the baseline's state_dict, so checkpoints and the quantizer's name patterns carry over.
 """
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages import rowquant
+from stages import layout, rowquant
 from stages.io import IntegrityError
 
 try:
@@ -19,9 +20,10 @@ except ImportError:
     flash_attn_func = None
 
 BOS_ID = 1  # stages.tokenize.BOS_ID: every document starts with it
-SMEAR_GATE_DIMS = 12
+SMEAR_GATE_DIMS = 12  # the records' GATE_WINDOW: the input dims that the smear gate and the attention gate read
 CONTROL_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-                    "q_gain", "skip_weight", "skip_weights", "smear", "lane_resid", "lane_post")
+                    "q_gain", "skip_weight", "skip_weights", "skip_gates", "smear", "lane_resid", "lane_post",
+                    "head_gate", "softcap_pos", "softcap_neg")
 
 
 def is_control_tensor(name: str) -> bool:
@@ -48,6 +50,14 @@ class GPTConfig:
     recur_layers: list = field(default_factory=list)  # [a, b]: layers a..b repeated recur_loops extra times
     recur_loops: int = 1
     smear_gate: bool = False
+    smear_bos_mask: bool = True  # the smear gate does not reach across a BOS (off: #2135, SMEAR_GATE_BOS_FIX=0)
+    ln_scale: bool = False  # block i scales its normed sublayer inputs by 1/sqrt(i + 1)
+    skip_gates: bool = False  # U-Net skips blended in by learned sigmoid gates
+    sparse_attn_gate: bool = False  # per-head sigmoid gate on the attention output
+    sparse_attn_gate_scale: float = 1.0
+    asym_logit: bool = False  # learned softcaps for positive and negative logits (scoring only)
+    rope_fp32: bool = False  # RoPE angles in fp32 even in a bf16 model (the records)
+    orthogonal_init: bool = False  # orthogonal block matrices at init (the records)
     q_rank: int = 0  # low-rank c_q; 0 = full rank
     qat_bits: int = 0  # fake-quantize block linears on the export grid; 0 = off
     qat_clip: str = "percentile"  # or "sdclip"
@@ -89,8 +99,13 @@ class GPTConfig:
                                               0 <= self.recur_layers[0] <= self.recur_layers[1] < self.num_layers),
               f"recur_layers must be [] or [a, b] with 0 <= a <= b < num_layers, got {self.recur_layers}")
         check(self.recur_loops >= 1, f"recur_loops must be >= 1, got {self.recur_loops}")
+        problem = layout.parallel_problem(self.num_layers, self.parallel_from, self.recur_layers, self.recur_loops)
+        check(problem is None, f"parallel_from: {problem}")
         check(not self.smear_gate or self.model_dim >= SMEAR_GATE_DIMS,
               f"smear_gate needs model_dim >= {SMEAR_GATE_DIMS}")
+        check(not self.sparse_attn_gate or self.model_dim >= SMEAR_GATE_DIMS,
+              f"sparse_attn_gate needs model_dim >= {SMEAR_GATE_DIMS}")
+        check(not self.asym_logit or self.logit_softcap > 0, "asym_logit needs logit_softcap > 0 (its initial caps)")
         check(0 <= self.q_rank < self.model_dim, f"q_rank must be in [0, model_dim), got {self.q_rank}")
         check(self.qat_bits == 0 or 2 <= self.qat_bits <= 8, f"qat_bits must be 0 or 2..8, got {self.qat_bits}")
         check(self.qat_clip in ("percentile", "sdclip"), f"qat_clip must be percentile or sdclip, "
@@ -137,17 +152,22 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    def __init__(self, dim: int, base: float):
+    def __init__(self, dim: int, base: float, fp32: bool = False):
         super().__init__()
         # A buffer (not a constant) on purpose: the baseline casts the model to bf16, which also casts
-        # inv_freq and hence the tables; keeping it a buffer reproduces that.
+        # inv_freq and hence the tables (in bf16 the positions above 256 are rounded); keeping it a buffer
+        # reproduces that. With fp32 the angles are computed in fp32 from the same (cast) frequencies, as the
+        # records do.
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.fp32 = fp32
         self._key, self._cos, self._sin = None, None, None
 
     def tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        t = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
-        freqs = torch.outer(t, self.inv_freq.to(device))
+        inv_freq = self.inv_freq.to(device)
+        inv_freq = inv_freq.float() if self.fp32 else inv_freq
+        t = torch.arange(seq_len, device=device, dtype=inv_freq.dtype)
+        freqs = torch.outer(t, inv_freq)
         return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -201,6 +221,21 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * vn).sum(-1, keepdim=True) * vn).reshape(B, H, T, D)
 
 
+class SparseAttnGate(nn.Module):
+    """The records' sparse attention gate (#1787, #1855): head h's output is scaled by σ(s · w_h · x[:12]), x the
+    attention's input. w = 0 at init, so every head starts at half its output."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(cfg.num_heads, SMEAR_GATE_DIMS))
+        self.scale = cfg.sparse_attn_gate_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, C) -> the gates, (B, H, T, 1)."""
+        g = torch.sigmoid(self.scale * F.linear(x[..., :SMEAR_GATE_DIMS], self.weight.to(x.dtype)))
+        return g.transpose(1, 2).unsqueeze(-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, xsa: bool = False):
         super().__init__()
@@ -218,7 +253,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(dim, dim, bias=False)
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(cfg.rope_dims or self.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims or self.head_dim, cfg.rope_base, cfg.rope_fp32)
+        self.head_gate = SparseAttnGate(cfg) if cfg.sparse_attn_gate else None
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
@@ -232,6 +268,8 @@ class CausalSelfAttention(nn.Module):
         y = causal_attention(q, k, v, mask)
         if self.xsa:
             y = exclude_self_value(y, v)
+        if self.head_gate is not None:
+            y = y * self.head_gate(x)
         return self.proj(y.transpose(1, 2).contiguous().reshape(B, T, C))
 
 
@@ -259,43 +297,46 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
-        # Parallel residual lanes (the record #1855): from layer parallel_from on, attention reads lane 0 and
-        # the MLP reads lane 1; each output is added to both lanes with learned weights, and the lanes are
-        # averaged before the head. Both weights start at 1.
-        self.parallel = 0 <= cfg.parallel_from <= layer
-        if self.parallel:
-            self.lane_resid = nn.Parameter(torch.ones(2))    # per sub-layer: how much each lane keeps
-            self.lane_post = nn.Parameter(torch.ones(2, 2))  # [sub-layer, lane]: how much of the output it gets
+        self.ln_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else None  # LN scale (PR #315): deeper = smaller
+
+    def normed(self, x: Tensor) -> Tensor:
+        x = rms_norm(x)
+        return x if self.ln_scale is None else x * self.ln_scale
 
     def forward(self, x: Tensor, x0: Tensor, mask: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), mask)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.normed(x), mask)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.normed(x))
 
-    def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, mask: Tensor | None = None):
-        mix = self.resid_mix.to(x0.dtype)
-        sublayers = (lambda h: self.attn_scale.to(h.dtype) * self.attn(rms_norm(h), mask),
-                     lambda h: self.mlp_scale.to(h.dtype) * self.mlp(rms_norm(h)))
-        for i, sublayer in enumerate(sublayers):
-            out = sublayer(mix[0] * lanes[i] + mix[1] * x0)
-            keep, post = self.lane_resid[i].to(x0.dtype), self.lane_post[i].to(x0.dtype)
-            lanes = (keep * lanes[0] + post[0] * out, keep * lanes[1] + post[1] * out)
-        return lanes
+    def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, resid: Tensor, post: Tensor,
+                      mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Parallel residual (the record #1855): attention reads lane 0 (mixed with x0 as in forward), the MLP
+        reads lane 1 as it is, both from the same step; lane l keeps resid[l] of itself and gets post[0, l] of
+        the attention output and post[1, l] of the MLP output."""
+        mix, dtype = self.resid_mix.to(x0.dtype), x0.dtype
+        attn = self.attn_scale.to(dtype) * self.attn(self.normed(mix[0] * lanes[0] + mix[1] * x0), mask)
+        mlp = self.mlp_scale.to(dtype) * self.mlp(self.normed(lanes[1]))
+        resid, post = resid.to(dtype), post.to(dtype)
+        return (resid[0] * lanes[0] + post[0, 0] * attn + post[1, 0] * mlp,
+                resid[1] * lanes[1] + post[0, 1] * attn + post[1, 1] * mlp)
 
 
 class SmearGate(nn.Module):
     """x_t += λ·σ(w·x_t[:12])·x_{t-1}, one scalar gate per position (w: (1, 12), as modded-nanogpt), except
-    where token t is BOS: its previous token belongs to another document. λ = 0 at init: the identity."""
+    (bos_mask) where token t is BOS: its previous token belongs to another document. λ = 0 at init: the identity."""
 
-    def __init__(self):
+    def __init__(self, bos_mask: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1, SMEAR_GATE_DIMS))
         self.lam = nn.Parameter(torch.zeros(1))
+        self.bos_mask = bos_mask
 
     def forward(self, x: Tensor, idx: Tensor) -> Tensor:
         gate = torch.sigmoid(F.linear(x[..., :SMEAR_GATE_DIMS], self.weight.to(x.dtype)))
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (idx != BOS_ID).unsqueeze(-1).to(x.dtype)
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if self.bos_mask:
+            prev = prev * (idx != BOS_ID).unsqueeze(-1).to(x.dtype)
         return x + self.lam.to(x.dtype) * gate * prev
 
 
@@ -304,19 +345,28 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        dim, layers = config.model_dim, config.num_layers
         # Construction order follows the baseline so that a given seed yields the same initial weights.
-        self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
+        self.tok_emb = nn.Embedding(config.vocab_size, dim)
         # Depth recurrence is switched on by training (from a fraction of the run); when off, layers run once.
         self.recurrence_active = bool(config.recur_layers)
         # Progressive growth: only the first active_layers blocks run; the others are skipped (and, with
         # their zero-initialised output projections, are identities when they join).
-        self.active_layers = config.num_layers
-        longest = self.layer_order()
-        num_skips = min(len(longest) // 2, len(longest) - len(longest) // 2)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim, dtype=torch.float32))
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.lm_head = None if config.tie_embeddings else CastedLinear(config.model_dim, config.vocab_size, bias=False)
-        self.smear = SmearGate() if config.smear_gate else None
+        self.active_layers = layers
+        encoder, decoder = layout.halves(self.layer_order())
+        num_skips = min(len(encoder), len(decoder))
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim, dtype=torch.float32))
+        # Skip gates (the records): x = lerp(w·skip, x, σ(g)), g = 0 at init: half the stream, half the skip.
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if config.skip_gates else None
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(layers))
+        if config.parallel_from >= 0:  # a row per layer, as the record has (only the parallel layers' are read)
+            self.lane_resid = nn.Parameter(torch.full((layers, 2), 1.1))
+            self.lane_post = nn.Parameter(torch.ones(layers, 2, 2))
+        self.lm_head = None if config.tie_embeddings else CastedLinear(dim, config.vocab_size, bias=False)
+        self.smear = SmearGate(config.smear_bos_mask) if config.smear_gate else None
+        if config.asym_logit:  # AsymLogit (#1945): separate caps for positive and negative logits
+            self.softcap_pos = nn.Parameter(torch.tensor(float(config.logit_softcap)))
+            self.softcap_neg = nn.Parameter(torch.tensor(float(config.logit_softcap)))
         # The output head's input, as a module so that hooks (GPTQ's Hessians) see the tied head too.
         self.head_input = nn.Identity()
         if self.lm_head is None:
@@ -326,6 +376,8 @@ class GPT(nn.Module):
         for module in self.modules():
             if getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
+            elif config.orthogonal_init and isinstance(module, CastedLinear):
+                nn.init.orthogonal_(module.weight)
         if config.qat_bits:
             for module in self.blocks.modules():
                 if isinstance(module, CastedLinear):
@@ -344,55 +396,69 @@ class GPT(nn.Module):
 
     def layer_order(self) -> list[int]:
         """The blocks in the order they run: with recurrence, layers a..b are repeated recur_loops times."""
-        order = list(range(self.config.num_layers))
-        if self.recurrence_active and self.config.recur_layers:
-            a, b = self.config.recur_layers
-            order[b + 1:b + 1] = list(range(a, b + 1)) * self.config.recur_loops
-        return order
+        c = self.config
+        return layout.layer_order(c.num_layers, c.recur_layers, c.recur_loops, self.recurrence_active)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward_logits(self, idx: Tensor, doc_isolation: bool = False) -> Tensor:
+    def add_skip(self, j: int, x: Tensor, skip: Tensor) -> Tensor:
+        skip = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + skip
+        return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
+
+    def hidden(self, idx: Tensor, doc_isolation: bool = False) -> Tensor:
+        """The last block's output (the mean of the two lanes after parallel blocks)."""
         x = self.tok_emb(idx)
         if self.smear is not None:
             x = self.smear(x, idx)
         x = rms_norm(x)
         x0 = x
         mask = document_mask(idx) if doc_isolation else None
-        order = self.layer_order()
-        encoder, decoder = order[: len(order) // 2], order[len(order) // 2:]
-        num_skips = min(len(encoder), len(decoder))
-        skips, lanes = [], None  # lanes: the two residual streams once a parallel block is reached
-
-        def run(i, x, lanes):
-            block = self.blocks[i]
-            if i >= self.active_layers:
-                return x, lanes
-            if block.parallel:
-                lanes = block.forward_lanes(lanes or (x, x), x0, mask)
-                return (lanes[0] + lanes[1]) / 2, lanes
-            return block(x, x0, mask), None
-
+        encoder, decoder = layout.halves(self.layer_order())
+        skips, lanes = [], None  # lanes: the two residual streams from the first parallel decoder layer on
         # U-Net: encoder outputs are added back, last-in first-out, before the decoder blocks.
         for i in encoder:
-            x, lanes = run(i, x, lanes)
+            if i < self.active_layers:
+                x = self.blocks[i](x, x0, mask)
             skips.append(x)
         for j, i in enumerate(decoder):
-            if j < num_skips:
-                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                x = x + skip
-                lanes = lanes and (lanes[0] + skip, lanes[1] + skip)
-            x, lanes = run(i, x, lanes)
+            if lanes is None and 0 <= self.config.parallel_from <= i:
+                lanes = (x, x)
+            if skips:
+                if lanes is None:
+                    x = self.add_skip(j, x, skips.pop())
+                else:  # the skip joins the attention's lane only
+                    lanes = (self.add_skip(j, lanes[0], skips.pop()), lanes[1])
+            if i >= self.active_layers:
+                continue
+            if lanes is None:
+                x = self.blocks[i](x, x0, mask)
+            else:
+                lanes = self.blocks[i].forward_lanes(lanes, x0, self.lane_resid[i], self.lane_post[i], mask)
+        return x if lanes is None else 0.5 * (lanes[0] + lanes[1])
+
+    def head(self, x: Tensor) -> Tensor:
+        """The logits before the softcap."""
         x = self.head_input(rms_norm(x))
-        logits = F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
+        return F.linear(x, self.tok_emb.weight) if self.lm_head is None else self.lm_head(x)
+
+    def softcap(self, logits: Tensor, asym: bool) -> Tensor:
+        if asym:
+            pos, neg = self.softcap_pos.to(logits.dtype), self.softcap_neg.to(logits.dtype)
+            return torch.where(logits > 0, pos * torch.tanh(logits / pos), neg * torch.tanh(logits / neg))
         cap = self.config.logit_softcap
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
-        return logits.float()
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def forward_logits(self, idx: Tensor, doc_isolation: bool = False) -> Tensor:
+        """The logits every scoring path (and TTT) reads: with asym_logit, under the two learned caps."""
+        return self.softcap(self.head(self.hidden(idx, doc_isolation)), self.config.asym_logit).float()
 
     def forward(self, idx: Tensor, targets: Tensor, doc_isolation: bool = False) -> Tensor:
-        logits = self.forward_logits(idx, doc_isolation)
+        """The training loss. It keeps the single cap even with asym_logit, as the record's fused loss does, so
+        the two caps get no gradient in training: they learn at test time (TTT) only."""
+        logits = self.softcap(self.head(self.hidden(idx, doc_isolation)), asym=False).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="mean")
 
 

@@ -1,18 +1,35 @@
-"""Muon (MomentUm Orthogonalized by Newton-schulz), as in the Parameter Golf baseline (from modded-nanogpt)."""
+"""Muon (MomentUm Orthogonalized by Newton-schulz), as in the Parameter Golf baseline (from modded-nanogpt), with
+the records' options: row normalisation before the orthogonalisation (MuonEq-R) and Polar Express's
+per-iteration Newton-Schulz coefficients."""
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# The baseline's quintic: the same (a, b, c) at every iteration.
+STANDARD = ((3.4445, -4.7750, 2.0315),)
+# Polar Express (Amsel et al. 2025; record #1855 via PR #1344/#1787): minimax-optimal (a, b, c) for each of the
+# first five iterations, the largest first. Iterations past the table repeat its last (converged) tuple.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NEWTON_SCHULZ = {"standard": STANDARD, "polar_express": POLAR_EXPRESS}
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalize a 2-D matrix (push its singular values towards 1) in bf16."""
-    a, b, c = (3.4445, -4.7750, 2.0315)
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7,
+                                coefficients: tuple = STANDARD) -> Tensor:
+    """Approximately orthogonalize a 2-D matrix (push its singular values towards 1) in bf16. Iteration i
+    applies X <- a X + (b A + c A^2) X with A = X X^T and (a, b, c) = coefficients[i] (the last for i beyond)."""
     X = G.bfloat16()
     X = X / (X.norm() + eps)
     transposed = G.size(0) > G.size(1)
     if transposed:  # iterate on the short side: A = X X^T is then the smaller Gram matrix
         X = X.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coefficients[min(i, len(coefficients) - 1)]
         A = X @ X.T
         B = b * A + c * A @ A
         X = a * X + B @ X
@@ -25,9 +42,12 @@ class Muon(torch.optim.Optimizer):
     Gradients must already be averaged across ranks (DDP does this)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True,
-                 weight_decay: float = 0.0, row_normalize: bool = False):
+                 weight_decay: float = 0.0, row_normalize: bool = False, newton_schulz: str = "standard"):
+        if newton_schulz not in NEWTON_SCHULZ:
+            raise ValueError(f"newton_schulz must be one of {sorted(NEWTON_SCHULZ)}, got {newton_schulz!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
-                                      weight_decay=weight_decay, row_normalize=row_normalize))
+                                      weight_decay=weight_decay, row_normalize=row_normalize,
+                                      newton_schulz=newton_schulz))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -44,6 +64,7 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             momentum = group["momentum"]
+            coefficients = NEWTON_SCHULZ[group["newton_schulz"]]
             # fp32 (the baseline uses bf16) so all_reduce also works on gloo; the values are identical,
             # since each slot holds one rank's bf16 update and zeros elsewhere.
             updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
@@ -58,9 +79,9 @@ class Muon(torch.optim.Optimizer):
                     buf.mul_(momentum).add_(g)
                     if group["nesterov"]:
                         g = g.add(buf, alpha=momentum)
-                    if group["row_normalize"]:  # MuonEq-R (the top record): equalise rows before orthogonalizing
-                        g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
-                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
+                    if group["row_normalize"]:  # MuonEq-R (the records): unit rows before orthogonalizing
+                        g = g / g.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(g.dtype)
+                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"], coefficients=coefficients)
                     g *= max(1, g.size(0) / g.size(1)) ** 0.5
                     updates[offset: offset + p.numel()] = g.reshape(-1)
                 offset += p.numel()

@@ -4,6 +4,7 @@ A shard is a 256 x int32 little-endian header (magic 20240520, version 1, token 
 followed by `count` uint16 little-endian token ids; the file size is exactly 1024 + 2 * count.
 This is byte-for-byte the format of the challenge's `fineweb_{train,val}_NNNNNN.bin`.
 """
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,13 @@ class ShardError(ValueError):
 
 def shard_name(split: str, index: int) -> str:
     return f"fineweb_{split}_{index:06d}.bin"
+
+
+def split_shards(folder, split: str) -> list[Path]:
+    """The token shards of one split in a challenge folder, in order: `fineweb_<split>_NNNNNN.bin` only, not
+    the CaseOps byte sidecars beside them (`fineweb_val_bytes_NNNNNN.bin`), which a glob would also match."""
+    pattern = re.compile(rf"fineweb_{split}_\d+\.bin")
+    return sorted(p for p in Path(folder).glob(f"fineweb_{split}_*.bin") if pattern.fullmatch(p.name))
 
 
 def header_bytes(num_tokens: int) -> bytes:

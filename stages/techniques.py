@@ -21,8 +21,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model):
+        # shadow = decay * shadow + (1 - decay) * w, in this order of operations (the records' EMA)
         for k, v in model.state_dict().items():
-            self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
+            self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1 - self.decay)
 
     def state_dict(self):
         return self.shadow

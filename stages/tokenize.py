@@ -43,7 +43,7 @@ import sentencepiece as spm
 
 from stages import corpus
 from stages.io import sha256_file, write_bytes, write_json
-from stages.shards import ShardError, check_splits_apart, read_shard, shard_name, write_shard
+from stages.shards import ShardError, check_splits_apart, read_shard, shard_name, split_shards, write_shard
 
 BOS_ID = 1
 # The challenge's SentencePiece settings (data/download_hf_docs_and_tokenize.py).
@@ -524,7 +524,7 @@ def import_challenge(cfg: dict, staging: Path) -> dict:
     sp = load_tokenizer(model, "tokenize.challenge.tokenizer")
     shards, paths = [], {}
     for split in ("val", "train"):
-        paths[split] = sorted(src.glob(f"fineweb_{split}_*.bin"))
+        paths[split] = split_shards(src, split)
         if not paths[split]:
             raise FileNotFoundError(f"{src}: no fineweb_{split}_*.bin shards")
         for path in paths[split]:

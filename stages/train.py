@@ -5,8 +5,9 @@ into `micro_batches` micro-batches spread over the ranks (gradient accumulation)
 does. Batches are read from the train shards' memmaps, never concatenated: a contiguous stream, as
 the challenge's loader reads it, or with the curriculum on, windows (shard, offset) that each rank
 draws from its own sampler stream. The warmdown follows the wallclock cap when one is set, else the
-iteration count. State is checkpointed under --resume-dir (not a declared output), so a killed run
-continues where it was.
+iteration count; so do the phases (QAT, depth recurrence, layer growth, context growth), which the
+warmup steps compile one by one before the timer starts. State is checkpointed under --resume-dir (not
+a declared output), so a killed run continues where it was.
 """
 import argparse
 import copy
@@ -71,14 +72,17 @@ class Batches:
         self.stream, self.sampler, self.windows = stream, sampler, windows
         self.seq_len, self.rank, self.world = seq_len, rank, world_size
 
-    def next(self, local_tokens: int, progress: float):
+    def next(self, local_tokens: int, progress: float, seq_len: int | None = None):
+        """local_tokens tokens as rows of seq_len (default: the configured one; context growth passes
+        shorter ones: more rows, the same tokens)."""
+        seq_len = seq_len or self.seq_len
         if self.sampler is None:  # contiguous spans, one per rank, as the challenge's loader
             span = local_tokens + 1
             chunk = self.stream.take(span * self.world)[self.rank * span:(self.rank + 1) * span]
             local = torch.from_numpy(chunk.astype(np.int64))
-            return local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)
-        shard, offset = self.sampler.sample(local_tokens // self.seq_len, progress)
-        seqs = torch.from_numpy(self.windows.read(shard, offset, self.seq_len + 1))
+            return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+        shard, offset = self.sampler.sample(local_tokens // seq_len, progress)
+        seqs = torch.from_numpy(self.windows.read(shard, offset, seq_len + 1))
         return seqs[:, :-1], seqs[:, 1:]
 
     def state_dict(self):
@@ -106,16 +110,23 @@ def budget_seconds(cfg: dict) -> float:
 
 
 def lr_multiplier(step: int, elapsed_ms: float, cfg: dict) -> float:
-    """1 until the warmdown, then linear to 0: by iterations, or by the wallclock budget when capped."""
+    """1 until the warmdown, then linear to 0, floored at min_lr. The warmdown is the last warmdown_frac of the
+    budget (the wallclock budget when capped, else the iterations), as the records set it, or else the last
+    warmdown_iters steps (when capped, at the pace so far), as the baseline does."""
+    frac, floor = cfg.get("warmdown_frac", 0.0), cfg.get("min_lr", 0.0)
+    if frac > 0:
+        budget = budget_seconds(cfg)
+        progress = elapsed_ms / (budget * 1000) if budget else step / cfg["iterations"]
+        return max((1.0 - progress) / frac, floor) if progress >= 1.0 - frac else 1.0
     warmdown = cfg["warmdown_iters"]
     if warmdown <= 0:
         return 1.0
     if not cfg["max_seconds"]:
         start = max(cfg["iterations"] - warmdown, 0)
-        return max((cfg["iterations"] - step) / warmdown, 0.0) if step >= start else 1.0
+        return max((cfg["iterations"] - step) / warmdown, floor) if step >= start else 1.0
     warmdown_ms = warmdown * elapsed_ms / max(step, 1)
     remaining_ms = max(budget_seconds(cfg) * 1000 - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    return max(remaining_ms / max(warmdown_ms, 1e-9), floor) if remaining_ms <= warmdown_ms else 1.0
 
 
 def muon_momentum(step: int, opt: dict) -> float:
@@ -124,21 +135,45 @@ def muon_momentum(step: int, opt: dict) -> float:
 
 
 def build_optimizers(model: GPT, opt: dict, fused: bool) -> list[torch.optim.Optimizer]:
+    """[embed Adam, matrix Muon, scalar Adam(, head Adam)], as the baseline. A weight decay makes the Adam of
+    its group an AdamW (decoupled: w *= 1 - lr·wd at the current lr), as the records' EMBED_WD and ADAM_WD."""
     groups = param_groups(model)
-    adam = dict(betas=(opt["beta1"], opt["beta2"]), eps=opt["adam_eps"], fused=fused)
+
+    def adam(params, lr, weight_decay=0.0):
+        kwargs = dict(betas=(opt["beta1"], opt["beta2"]), eps=opt["adam_eps"], fused=fused)
+        group = [{"params": params, "lr": lr, "base_lr": lr}]
+        if weight_decay:
+            return torch.optim.AdamW(group, weight_decay=weight_decay, **kwargs)
+        return torch.optim.Adam(group, **kwargs)
+
     embed_lr = opt["tied_embed_lr"] if model.config.tie_embeddings else opt["embed_lr"]
-    optimizers = [torch.optim.Adam([{"params": groups["embed"], "lr": embed_lr, "base_lr": embed_lr}], **adam),
+    optimizers = [adam(groups["embed"], embed_lr, opt["embed_weight_decay"]),
                   Muon(groups["matrix"], lr=opt["matrix_lr"], momentum=opt["muon_momentum"],
                        backend_steps=opt["muon_backend_steps"], weight_decay=opt["muon_weight_decay"],
-                       row_normalize=opt["muon_row_normalize"]),
-                  torch.optim.Adam([{"params": groups["scalar"], "lr": opt["scalar_lr"],
-                                     "base_lr": opt["scalar_lr"]}], **adam)]
+                       row_normalize=opt["muon_row_normalize"], newton_schulz=opt["newton_schulz"]),
+                  adam(groups["scalar"], opt["scalar_lr"], opt["scalar_weight_decay"])]
     for group in optimizers[1].param_groups:
         group["base_lr"] = opt["matrix_lr"]
     if groups["head"]:
-        optimizers.append(torch.optim.Adam([{"params": groups["head"], "lr": opt["head_lr"],
-                                             "base_lr": opt["head_lr"]}], **adam))
+        optimizers.append(adam(groups["head"], opt["head_lr"]))
     return optimizers
+
+
+def average_gradients(params, world: int):
+    """Average the gradients across ranks, one all_reduce per dtype (DDP's job, done by hand where each rank
+    clips its own gradient first)."""
+    by_dtype = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def init_distributed(device_name: str):
@@ -193,8 +228,21 @@ class Trainer:
         if len(grow["depths"]) != len(grow["until"]) or any(d > cfg["model"]["num_layers"] for d in grow["depths"]):
             raise ValueError(f"train.grow: depths {grow['depths']} and until {grow['until']} must pair up, each "
                              f"depth at most num_layers = {cfg['model']['num_layers']}")
-        # Skipped (not yet grown) layers get no gradient, which DDP must be told about.
-        self.ddp = DDP(self.model, find_unused_parameters=bool(grow["depths"])) if self.world > 1 else None
+        seq = cfg["seq_growth"]
+        if (len(seq["lengths"]) != len(seq["until"]) or any(b <= a for a, b in zip(seq["until"], seq["until"][1:]))
+                or any(n > cfg["seq_len"] or self.local_tokens % n for n in seq["lengths"])):
+            raise ValueError(f"train.seq_growth: lengths {seq['lengths']} and until {seq['until']} must pair up, until "
+                             f"increasing, each length at most seq_len = {cfg['seq_len']} and dividing the "
+                             f"{self.local_tokens} tokens of a micro-batch")
+        # The records clip each rank's gradient, then average (clip_grad_norm_ before their all_reduce): with
+        # grad_clip_per_rank the ranks average by hand after clipping, instead of DDP during the backward.
+        opt = cfg["optimizer"]
+        self.clip_per_rank = self.world > 1 and opt["grad_clip_norm"] > 0 and opt["grad_clip_per_rank"]
+        # Skipped (not yet grown) layers, and AsymLogit's caps (used only in scoring), get no gradient, which
+        # DDP must be told about.
+        unused = bool(grow["depths"]) or bool(cfg["model"].get("asym_logit"))
+        self.ddp = (DDP(self.model, find_unused_parameters=unused)
+                    if self.world > 1 and not self.clip_per_rank else None)
         net = self.ddp or self.model
         self.step_model = torch.compile(net) if cfg["compile"] else net
         self.optimizers = build_optimizers(self.model, cfg["optimizer"], fused=self.device.type == "cuda")
@@ -207,6 +255,9 @@ class Trainer:
             sampler, stream, windows = None, TokenStream(paths, vocab), None
         self.batches = Batches(stream, sampler, windows, cfg["seq_len"], self.rank, self.world)
         self.step, self.elapsed_ms, self.metrics = 0, 0.0, []
+        self.seq_len = self.phase_at(0.0)["seq_len"]  # the context growth's current length
+        self.rewarm_from = None  # the step its length last changed, while the LR warms up again
+        self.priming = False
         self.train_tokens = sum(read_header(p) for p in paths)
         self.warnings = []
         if cfg["seq_len"] + 1 > self.train_tokens:
@@ -233,29 +284,58 @@ class Trainer:
         return techniques.add_quantization_noise(self.matrices, qna["bits"], qna["clip_percentile"],
                                                  qna["magnitude"] * lr_mul, self.noise_rng)
 
-    def switch_phases(self):
-        """QAT, depth recurrence and progressive growth follow the fraction of the budget spent (set on the
-        raw model, whose flags compiled graphs read)."""
-        model_cfg, progress = self.cfg["model"], self.progress()
-        if model_cfg["qat_bits"]:
-            self.model.qat_active = progress >= self.cfg["qat_start"]
-        if model_cfg["recur_layers"]:
-            self.model.recurrence_active = progress >= self.cfg["recur_start"]
-        grow = self.cfg["grow"]
-        if grow["depths"]:
-            self.model.active_layers = next((d for d, at in zip(grow["depths"], grow["until"]) if progress < at),
-                                            model_cfg["num_layers"])
+    def phase_at(self, progress: float) -> dict:
+        """What the schedule has switched on at this fraction of the budget: QAT, depth recurrence, the layers
+        progressive growth runs, and the context length (seq_growth: lengths[i] while progress <= until[i], as
+        the record #2014's TRAIN_SEQ_SCHEDULE; then seq_len)."""
+        cfg, model_cfg = self.cfg, self.cfg["model"]
+        grow, seq = cfg["grow"], cfg["seq_growth"]
+        return {"qat": bool(model_cfg["qat_bits"]) and progress >= cfg["qat_start"],
+                "recurrence": bool(model_cfg["recur_layers"]) and progress >= cfg["recur_start"],
+                "layers": next((d for d, at in zip(grow["depths"], grow["until"]) if progress < at),
+                               model_cfg["num_layers"]),
+                "seq_len": next((n for n, at in zip(seq["lengths"], seq["until"]) if progress <= at), cfg["seq_len"])}
 
-    def train_step(self, lr_scale: float = 1.0, replay=None) -> tuple[float, list]:
-        """One optimizer step on the next global batch (or on a replayed one, at lr_scale × the LR)."""
-        self.switch_phases()
+    def enter_phase(self, phase: dict):
+        """Set the phase on the raw model (whose flags compiled graphs read) and the batches' length. A new
+        length after step 0 warms the LR up again over seq_growth.rewarm_steps steps."""
+        model_cfg = self.cfg["model"]
+        if model_cfg["qat_bits"]:
+            self.model.qat_active = phase["qat"]
+        if model_cfg["recur_layers"]:
+            self.model.recurrence_active = phase["recurrence"]
+        if self.cfg["grow"]["depths"]:
+            self.model.active_layers = phase["layers"]
+        if phase["seq_len"] != self.seq_len:
+            self.seq_len = phase["seq_len"]
+            if self.step > 0 and self.cfg["seq_growth"]["rewarm_steps"]:
+                self.rewarm_from = self.step
+            if not self.priming:
+                self.log(f"# seq_len {self.seq_len} from step {self.step + 1} (progress {self.progress():.3f})")
+
+    def rewarm(self) -> float:
+        """The LR factor after a change of context length: (k + 1) / rewarm_steps at the k-th step after it,
+        then 1 (the record #2014's SEQ_CHANGE_WARMUP_STEPS)."""
+        if self.rewarm_from is None:
+            return 1.0
+        factor = min((self.step - self.rewarm_from + 1) / self.cfg["seq_growth"]["rewarm_steps"], 1.0)
+        if factor >= 1.0:
+            self.rewarm_from = None
+        return factor
+
+    def train_step(self, lr_scale: float = 1.0, replay=None, phase=None) -> tuple[float, list]:
+        """One optimizer step on the next global batch (or on a replayed one, at lr_scale × the LR), in the
+        phase the schedule is in (or in `phase`, when priming)."""
+        self.enter_phase(phase or self.phase_at(self.progress()))
         lr_mul = lr_multiplier(self.step, self.elapsed_ms, self.cfg)
+        applied = lr_mul * self.rewarm()
         for opt in self.optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_mul * lr_scale
+                group["lr"] = group["base_lr"] * applied * lr_scale
         self.optimizers[1].param_groups[0]["momentum"] = muon_momentum(self.step, self.cfg["optimizer"])
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        batch = replay or [self.batches.next(self.local_tokens, self.progress()) for _ in range(self.accum)]
+        batch = replay or [self.batches.next(self.local_tokens, self.progress(), self.seq_len)
+                           for _ in range(self.accum)]
         originals = self.qna_noise(lr_mul)
         total = torch.zeros((), device=self.device)
         for micro, (x, y) in enumerate(batch):
@@ -270,13 +350,15 @@ class Trainer:
         clip = self.cfg["optimizer"]["grad_clip_norm"]
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.clip_per_rank:
+            average_gradients(self.model.parameters(), self.world)
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
-        self.lr_mul = lr_mul
+        self.lr_mul, self.applied_lr_mul = lr_mul, applied
         return all_reduce_mean(total, self.world), batch
 
     def replay_hard_batches(self):
@@ -296,20 +378,41 @@ class Trainer:
         self.sqwa.add(self.ema.state_dict() if self.ema is not None else self.model.state_dict())
         self.sqwa_loop_ms += (time.perf_counter() - t0) * 1000
 
+    def phases(self) -> list[dict]:
+        """Every distinct phase the run passes through, in order: the one at the start, and those at and just
+        after each point where the schedule switches something (before 1: a point at 1 is never reached)."""
+        cfg = self.cfg
+        points = {0.0, cfg["qat_start"], cfg["recur_start"], *cfg["grow"]["until"], *cfg["seq_growth"]["until"]}
+        found = []
+        for point in sorted(p for p in points if p < 1.0):
+            for progress in (point, math.nextafter(point, math.inf)):
+                if (phase := self.phase_at(progress)) not in found:
+                    found.append(phase)
+        return found
+
     def prime(self):
-        """Run warmup_steps to compile kernels, then restore the initial state (outside the timer)."""
+        """Run warmup_steps in each phase of the run (the records' warmup, then their loop warmup), so that
+        every graph the run uses is compiled before the timer starts; then restore the initial state."""
         if not self.cfg["warmup_steps"]:
             return
         saved = copy.deepcopy(self.state_dict())
-        for _ in range(self.cfg["warmup_steps"]):
-            self.train_step()
+        self.priming = True
+        phases = self.phases()
+        for phase in phases:
+            if len(phases) > 1:
+                self.log(f"# warmup: {self.cfg['warmup_steps']} steps at seq_len {phase['seq_len']}, "
+                         f"{phase['layers']} layers, recurrence {'on' if phase['recurrence'] else 'off'}, "
+                         f"QAT {'on' if phase['qat'] else 'off'}")
+            for _ in range(self.cfg["warmup_steps"]):
+                self.train_step(phase=phase)
+        self.priming = False
         self.load_state_dict(saved)
 
     def state_dict(self):
         state = {"model": self.model.state_dict(), "opt": [o.state_dict() for o in self.optimizers],
                  "data": self.batches.state_dict(), "step": self.step, "elapsed_ms": self.elapsed_ms,
                  "metrics": self.metrics, "noise_rng": self.noise_rng.get_state(),
-                 "replay_steps": self.replay_steps}
+                 "replay_steps": self.replay_steps, "seq_len": self.seq_len, "rewarm_from": self.rewarm_from}
         for name in ("ema", "sqwa", "hard"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name).state_dict()
@@ -323,6 +426,7 @@ class Trainer:
         self.step, self.elapsed_ms, self.metrics = state["step"], state["elapsed_ms"], state["metrics"]
         self.noise_rng.set_state(state["noise_rng"])
         self.replay_steps = state["replay_steps"]
+        self.seq_len, self.rewarm_from = state["seq_len"], state["rewarm_from"]
         for name in ("ema", "sqwa", "hard"):
             if getattr(self, name) is not None:
                 getattr(self, name).load_state_dict(state[name])
@@ -360,11 +464,16 @@ class Trainer:
                 f.write(line + "\n")
 
     def reached_cap(self) -> bool:
+        """Whether the wallclock budget is spent. The ranks share one clock, the slowest's, so that the phases
+        and the warmdown, which follow it, switch at the same step on every rank."""
         budget = budget_seconds(self.cfg)
-        over = torch.tensor(float(bool(budget) and self.elapsed_ms >= budget * 1000))
-        if self.world > 1:
-            dist.all_reduce(over, op=dist.ReduceOp.MAX)
-        return bool(over)
+        if not budget:
+            return False
+        if self.world > 1:  # on the device: NCCL reduces only CUDA tensors
+            elapsed = torch.tensor(self.elapsed_ms, dtype=torch.float64, device=self.device)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            self.elapsed_ms = float(elapsed)
+        return self.elapsed_ms >= budget * 1000
 
     def logs_step(self, step: int) -> bool:
         return step % self.cfg["log_every"] == 0 or step in (1, self.cfg["iterations"])
@@ -399,7 +508,7 @@ class Trainer:
             self.snapshot_for_sqwa()
             step_ms = (time.perf_counter() - t0) * 1000
             self.elapsed_ms += step_ms
-            record = {"step": self.step, "loss": loss, "lr_mul": self.lr_mul,
+            record = {"step": self.step, "loss": loss, "lr_mul": self.applied_lr_mul,
                       "tokens": self.step * cfg["batch_tokens"], "ms": round(self.elapsed_ms, 3),
                       "step_ms": round(step_ms, 3)}
             self.metrics.append(record)  # every step: metrics.jsonl does not depend on log_every

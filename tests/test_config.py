@@ -314,3 +314,61 @@ def test_the_tokenizer_sample_keys_only_where_a_tokenizer_is_trained():
     assert "tokenizer_sample_docs" not in given
     assert given == caddie.tokenize_section({**tok, "tokenizer_model": "data/tokenizer.model",
                                              "tokenizer_sample_docs": 7})
+
+
+# ---- only_arms: a preset says which arms run ----
+
+def test_only_arms_narrows_the_config_to_its_arms_in_their_order():
+    cfg = default_config()
+    cfg["only_arms"] = ["int6", "baseline"]
+    caddie.validate(cfg)
+    assert list(cfg["arms"]) == ["int6", "baseline"]  # in place: the rules read config["arms"] after validate
+    assert list(caddie.plan(cfg)["arms"]) == ["int6", "baseline"]
+    unvalidated = default_config()
+    unvalidated["only_arms"] = ["gptq-int6"]
+    assert list(caddie.plan(unvalidated)["arms"]) == ["gptq-int6"]
+    everything = default_config()
+    assert everything["only_arms"] is None and list(caddie.plan(everything)["arms"]) == list(everything["arms"])
+
+
+def test_only_arms_unselected_arms_are_not_checked():
+    cfg = default_config()
+    cfg["arms"]["broken"] = {"train": {"model": {"num_heads": 3}}}  # a plan-time problem, in an arm not run
+    cfg["only_arms"] = ["baseline"]
+    caddie.validate(cfg)
+    assert list(cfg["arms"]) == ["baseline"]
+
+
+@pytest.mark.parametrize("only_arms, message", [
+    (["baseline", "nope"], "only_arms: 'nope' not among the arms (baseline, int6, gptq-int6, gptq-int6-lcq)"),
+    (["nope", "neither"], "only_arms: 'nope', 'neither' not among the arms"),
+    (["int6"], "report.baseline_arm: 'baseline' is not an arm that only_arms selects (arms: int6)"),
+    ([], "only_arms: [] should be non-empty"),
+    (["int6", "int6"], "only_arms: ['int6', 'int6'] has non-unique elements"),
+    ("int6", "only_arms: 'int6' is not of type 'array', 'null'"),
+])
+def test_only_arms_problems_name_the_key(only_arms, message):
+    cfg = default_config()
+    cfg["only_arms"] = only_arms
+    with pytest.raises(caddie.ConfigError) as err:
+        caddie.validate(cfg, source="preset.yaml")
+    assert message in str(err.value) and "preset.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("record, seeds", [("1855", [42, 0, 1234]), ("2135", [314, 42, 0])])
+def test_record_preset_runs_exactly_its_arm_with_its_three_seeds(record, seeds):
+    import yaml
+    preset = caddie.STAGES_DIR.parent / "presets" / f"record-{record}.yaml"
+    cfg = caddie.deep_merge(default_config(), yaml.safe_load(preset.read_text()))  # as --configfile merges
+    assert set(cfg["arms"]) > {f"record-{record}", "baseline"}  # the demo's arms are merged in ...
+    caddie.validate(cfg, source=str(preset))
+    plan = caddie.plan(cfg)
+    assert list(cfg["arms"]) == list(plan["arms"]) == [f"record-{record}"]  # ... and do not run
+    assert cfg["seeds"] == seeds and cfg["report"]["baseline_arm"] == f"record-{record}"
+    assert {stage: len(keys) for stage, keys in plan["stages"].items() if keys} == {
+        "tokenize": 1, "train": 1, "quantize": 1, "evaluate": 6}  # one arm: 2 points x 3 modes
+    tok = plan["stages"]["tokenize"][plan["arms"][f"record-{record}"]["tokenize"]]["config"]
+    assert tok == {"source": "challenge", "challenge": {
+        "dir": "data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+        "tokenizer": "data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+        "raw_val_bytes": None}}

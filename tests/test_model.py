@@ -210,7 +210,7 @@ def test_muon_distributed_matches_single_process(tmp_path):
 
 # ---- architecture options (each off by default) ----
 
-ALL_OPTIONS = dict(activation="leaky_relu2", rope_dims=4, xsa_layers=1, parallel_from=1, recur_layers=[0, 1],
+ALL_OPTIONS = dict(activation="leaky_relu2", rope_dims=4, xsa_layers=1, parallel_from=1, recur_layers=[0, 0],
                    recur_loops=2, smear_gate=True, q_rank=8, qat_bits=4)
 OPTIONS = {
     "leaky_relu2": dict(activation="leaky_relu2"),
@@ -324,24 +324,23 @@ def test_xsa_removes_own_value_component(kv_heads):
 
 
 def test_parallel_lanes_follow_the_two_lane_formula():
+    # The record #1855's parallel block: attention and MLP both read the lanes as they were before the block.
     from stages.model import rms_norm
     torch.manual_seed(0)
-    model = perturbed(GPT(tiny_config(num_layers=3, parallel_from=1)))
-    assert [b.parallel for b in model.blocks] == [False, True, True]
+    model = perturbed(GPT(tiny_config(num_layers=3, parallel_from=2)))
     block, x0 = model.blocks[1], torch.randn(2, 6, 32)
-    with torch.no_grad():
-        block.lane_resid.copy_(torch.tensor([0.9, 0.8]))
-        block.lane_post.copy_(torch.tensor([[1.0, 0.5], [0.25, 1.5]]))
+    resid, post = torch.tensor([0.9, 0.8]), torch.tensor([[1.0, 0.5], [0.25, 1.5]])
     lane0, lane1 = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
     mix = block.resid_mix
     a = block.attn_scale * block.attn(rms_norm(mix[0] * lane0 + mix[1] * x0))
-    l0, l1 = 0.9 * lane0 + 1.0 * a, 0.9 * lane1 + 0.5 * a
-    m = block.mlp_scale * block.mlp(rms_norm(mix[0] * l1 + mix[1] * x0))
-    expected = (0.8 * l0 + 0.25 * m, 0.8 * l1 + 1.5 * m)
-    got = block.forward_lanes((lane0, lane1), x0)
+    m = block.mlp_scale * block.mlp(rms_norm(lane1))
+    expected = (0.9 * lane0 + 1.0 * a + 0.25 * m, 0.8 * lane1 + 0.5 * a + 1.5 * m)
+    got = block.forward_lanes((lane0, lane1), x0, resid, post)
     assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(got, expected))
-    names = [n for n, _ in model.named_parameters() if "lane_" in n]
-    assert names == ["blocks.1.lane_resid", "blocks.1.lane_post", "blocks.2.lane_resid", "blocks.2.lane_post"]
+    assert [n for n, _ in model.named_parameters() if "lane_" in n] == ["lane_resid", "lane_post"]
+    assert model.lane_resid.shape == (3, 2) and model.lane_post.shape == (3, 2, 2)  # a row per layer, as the record
+    fresh = GPT(tiny_config(num_layers=3, parallel_from=2))
+    assert torch.equal(fresh.lane_resid, torch.full((3, 2), 1.1)) and torch.equal(fresh.lane_post, torch.ones(3, 2, 2))
 
 
 def test_recurrence_order_switch_and_shared_weights():

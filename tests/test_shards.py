@@ -337,3 +337,12 @@ def test_windows_outside_the_shards_are_an_error_naming_their_source(tmp_path):
         shards.check_windows([0, 0], [0, 6], 5, "buckets.npz")
     with pytest.raises(ShardError, match=r"window 0 \(shard 1"):
         shards.check_windows([1], [0], 5, "buckets.npz")
+
+
+def test_split_shards_leave_out_the_caseops_byte_sidecars(tmp_path):
+    from stages.shards import split_shards
+    for name in ("fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin", "fineweb_train_000001.bin",
+                 "fineweb_train_000000.bin", "fineweb_train_bytes_000000.bin"):
+        write_shard(tmp_path / name, np.zeros(3, dtype=np.uint16))
+    assert [p.name for p in split_shards(tmp_path, "val")] == ["fineweb_val_000000.bin"]
+    assert [p.name for p in split_shards(tmp_path, "train")] == ["fineweb_train_000000.bin", "fineweb_train_000001.bin"]

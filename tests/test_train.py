@@ -293,3 +293,125 @@ def test_a_corrupt_resume_state_is_set_aside_and_the_run_starts_again(tiny_data,
     assert not summary["resumed"] and losses(broken) == losses(straight)
     log = (broken / "train.log").read_text()
     assert f"# resume state {state} is corrupt" in log and log.count("# started at step 0") == 2
+
+
+GROWTH = {"lengths": [16, 32], "until": [0.25, 0.5], "rewarm_steps": 4}
+
+
+@pytest.mark.parametrize("use_curriculum", [False, True])
+def test_context_growth_changes_the_sequence_length_at_its_fractions_with_the_tokens_fixed(
+        tiny_data, tmp_path, monkeypatch, use_curriculum):
+    shapes, real_next = [], train.Batches.next
+
+    def spy(self, local_tokens, progress, seq_len=None):
+        x, y = real_next(self, local_tokens, progress, seq_len)
+        shapes.append(tuple(x.shape))
+        return x, y
+
+    monkeypatch.setattr(train.Batches, "next", spy)
+    train.main(train_args(tiny_data, tmp_path, curriculum=use_curriculum, iterations=20, warmdown_iters=0,
+                          log_every=1, seq_growth=GROWTH))
+    # step k (0-based) runs at progress k / 20: 16 while <= 0.25, 32 while <= 0.5, then seq_len 64
+    assert shapes == [(64, 16)] * 6 + [(32, 32)] * 5 + [(16, 64)] * 9  # 1024 tokens every step
+    lr = [json.loads(line)["lr_mul"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # after each change the LR warms up again over 4 steps (#2014's SEQ_CHANGE_WARMUP_STEPS)
+    assert lr == [1.0] * 6 + [0.25, 0.5, 0.75, 1.0, 1.0] + [0.25, 0.5, 0.75] + [1.0] * 6
+    log = (tmp_path / "train.log").read_text()
+    assert "# seq_len 32 from step 7 (progress 0.300)" in log and "# seq_len 64 from step 12 (progress 0.550)" in log
+
+
+def test_a_run_killed_during_context_growth_resumes_to_the_same_result(tiny_data, tmp_path, monkeypatch):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    args = dict(iterations=14, warmdown_iters=0, log_every=1, checkpoint_every=7, seq_growth=GROWTH)
+    train.main(train_args(tiny_data, straight, **args))
+    real_step = train.Trainer.train_step
+
+    def crash_at_9(self, **kw):  # the checkpoint at 7 is inside the LR rewarm that began at step 6
+        if self.step == 9:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, **kw)
+
+    monkeypatch.setattr(train.Trainer, "train_step", crash_at_9)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(tiny_data, broken, **args))
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    train.main(train_args(tiny_data, broken, **args))
+    assert losses(broken) == losses(straight)
+    lr = lambda out: [json.loads(line)["lr_mul"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lr(broken) == lr(straight)
+
+
+@pytest.mark.parametrize("growth", [{"lengths": [48], "until": [0.5]},  # 1024 tokens are not rows of 48
+                                    {"lengths": [128], "until": [0.5]},  # longer than seq_len
+                                    {"lengths": [16, 32], "until": [0.5, 0.25]},
+                                    {"lengths": [16, 32], "until": [0.5]}])
+def test_context_growth_must_fit_the_batch_and_the_schedule(tiny_data, tmp_path, growth):
+    with pytest.raises(ValueError, match="train.seq_growth"):
+        train.main(train_args(tiny_data, tmp_path, iterations=2, seq_growth={**growth, "rewarm_steps": 0}))
+
+
+def records_stack(**overrides):
+    """Every training option of the records on, with phases at fractions of a 24-step run."""
+    cfg = tiny_train_config(iterations=24, warmdown_iters=0, warmdown_frac=0.5, min_lr=0.1, log_every=1,
+                            seq_growth={"lengths": [16, 32], "until": [0.2, 0.45], "rewarm_steps": 3},
+                            grow={"depths": [1], "until": [0.1]}, recur_start=0.3, qat_start=0.6,
+                            ema={"enabled": True, "decay": 0.9})
+    cfg["model"].update(recur_layers=[0, 1], qat_bits=6)
+    cfg["optimizer"].update(newton_schulz="polar_express", muon_row_normalize=True, muon_weight_decay=0.095,
+                            embed_weight_decay=0.085, scalar_weight_decay=0.02, grad_clip_norm=0.3)
+    cfg.update(overrides)
+    return cfg
+
+
+def test_the_records_training_options_together_learn_and_the_warmup_primes_every_phase_undone(tiny_data, tmp_path):
+    runs = {}
+    for name, warmup in (("cold", 0), ("primed", 2)):
+        out = tmp_path / name
+        config = {"train": records_stack(warmup_steps=warmup),
+                  "curriculum": {"enabled": False, "buckets": 4, "floor": 0.02}}
+        train.main(["--config", json.dumps(config), "--manifest", str(tiny_data["manifest"]), "--seed", "1",
+                    "--out-dir", str(out), "--resume-dir", str(out / "resume")])
+        runs[name] = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    curve = losses(tmp_path / "cold")
+    assert curve[-1] < curve[0] - 1.0, curve
+    # The warmup's steps are undone: the same losses and weights as without it.
+    assert losses(tmp_path / "primed") == curve
+    assert all(torch.equal(runs["primed"][k], runs["cold"][k]) for k in runs["cold"])
+    warmups = [line for line in (tmp_path / "primed" / "train.log").read_text().splitlines()
+               if line.startswith("# warmup:")]
+    assert warmups == [  # each phase of the run, in its order: growth at 0.1, 32 after 0.2, recurrence at 0.3, ...
+        "# warmup: 2 steps at seq_len 16, 1 layers, recurrence off, QAT off",
+        "# warmup: 2 steps at seq_len 16, 2 layers, recurrence off, QAT off",
+        "# warmup: 2 steps at seq_len 32, 2 layers, recurrence off, QAT off",
+        "# warmup: 2 steps at seq_len 32, 2 layers, recurrence on, QAT off",
+        "# warmup: 2 steps at seq_len 64, 2 layers, recurrence on, QAT off",
+        "# warmup: 2 steps at seq_len 64, 2 layers, recurrence on, QAT on"]
+
+
+def test_without_phases_the_warmup_is_the_baselines_warmup_steps(tiny_data, tmp_path, monkeypatch):
+    calls, real_step = [], train.Trainer.train_step
+
+    def spy(self, **kw):
+        calls.append(kw.get("phase"))
+        return real_step(self, **kw)
+
+    monkeypatch.setattr(train.Trainer, "train_step", spy)
+    train.main(train_args(tiny_data, tmp_path, iterations=3, warmup_steps=4))
+    assert len(calls) == 4 + 3 and calls[-3:] == [None] * 3
+    assert "# warmup:" not in (tmp_path / "train.log").read_text()
+
+
+def test_torchrun_with_per_rank_clipping_that_never_binds_matches_one_process(tiny_data, tmp_path):
+    """Without DDP (each rank clips, then averages by hand) and with one clock across the ranks (max_seconds
+    set, never reached): the same training as one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    optimizer = {**tiny_train_config()["optimizer"], "grad_clip_norm": 1e6, "grad_clip_per_rank": True}
+    common = dict(micro_batches=2, iterations=8, max_seconds=3600, optimizer=optimizer)
+    train.main(train_args(tiny_data, one, **common))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "stages.train", *train_args(tiny_data, two, nproc=2, **common)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)

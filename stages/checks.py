@@ -167,7 +167,7 @@ def evaluate_windows(cfg: dict):
 
 
 def evaluate_lora(cfg: dict):
-    """stages.evaluate.lora_ttt_losses and DocumentLoRA, when mode ttt runs with method lora."""
+    """stages.ttt.lora_losses and DocumentLoRA, when mode ttt runs with method lora."""
     ev = cfg["evaluate"]
     if "ttt" not in ev["modes"] or ev["ttt"]["method"] != "lora":
         return

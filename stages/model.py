@@ -488,15 +488,6 @@ def cast_to_training_dtypes(model: GPT) -> GPT:
     return model
 
 
-def pick_device(name: str, key: str) -> torch.device:
-    """The device a stage's `key` (cpu | cuda | auto) names; auto is cuda when one is available."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{key}: cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
 def non_finite(state: dict) -> tuple[str, int] | None:
     """(name, count) of the first tensor holding NaN or inf values, or None."""
     for name, w in state.items():

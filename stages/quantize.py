@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from stages import gptq, pack, rowquant, storage
 from stages.io import verify_recorded, write_bytes, write_json
-from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite, pick_device
+from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite
+from stages.devices import pick_device
 from stages.shards import ShardSet, manifest_shards
 
 

@@ -30,7 +30,8 @@ from torch.nn.utils import parametrize
 
 from stages import pack, quantize, rowquant
 from stages.io import verify_recorded, write_bytes, write_json
-from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite, pick_device
+from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite
+from stages.devices import pick_device
 
 
 def check_config(cfg: dict) -> None:

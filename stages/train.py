@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from stages import techniques
 from stages.curriculum import load_sampler
+from stages.devices import init_distributed
 from stages.io import IntegrityError, read_json, save_torch, sha256_file, write_json, write_text
 from stages.model import GPT, GPTConfig, cast_to_training_dtypes, non_finite, param_groups
 from stages.muon import Muon
@@ -176,24 +177,6 @@ def average_gradients(params, world: int):
             offset += g.numel()
 
 
-def init_distributed(device_name: str):
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; CPU ranks use gloo."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device: cuda requested but no CUDA device is available")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -210,7 +193,7 @@ def all_reduce_mean(value: torch.Tensor, world: int) -> float:
 class Trainer:
     def __init__(self, cfg, curriculum_cfg, manifest, curriculum_path, curriculum_summary, seed):
         self.cfg, self.seed = cfg, seed
-        self.rank, self.world, self.device = init_distributed(cfg["device"])
+        self.rank, self.world, self.device = init_distributed(cfg["device"], "train.device")
         if cfg["micro_batches"] % self.world:
             raise ValueError(f"train.micro_batches: {cfg['micro_batches']} is not divisible by "
                              f"{self.world} processes")

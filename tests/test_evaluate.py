@@ -1,3 +1,4 @@
+import copy
 import itertools
 import json
 import math
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from files import change_byte, flip_mantissa_bit, save_checkpoint, summary_of
-from stages import bpb, evaluate
+from stages import bpb, evaluate, scoring, ttt
 from stages.io import IntegrityError, sha256_file
 from stages.model import GPT, GPTConfig
 from stages.shards import read_shard, write_shard
@@ -21,10 +22,10 @@ from stages.shards import read_shard, write_shard
 def test_every_target_is_scored_exactly_once(n, seq_len, stride):
     if stride > seq_len:
         with pytest.raises(ValueError, match="evaluate.stride"):
-            evaluate.scoring_windows(n, seq_len, stride)
+            scoring.scoring_windows(n, seq_len, stride)
         return
     counts = np.zeros(n, dtype=int)
-    for start, end, first in evaluate.scoring_windows(n, seq_len, stride):
+    for start, end, first in scoring.scoring_windows(n, seq_len, stride):
         assert 0 <= start < end <= n - 1 and end - start <= seq_len
         assert start < first <= end  # the scored targets lie inside the window
         counts[first:end + 1] += 1
@@ -133,6 +134,39 @@ def test_ttt_learns_a_repeating_text():
     assert ttt["loss_sum"] < 0.7 * sliding["loss_sum"]  # measured: 0.60
 
 
+
+def test_a_ttt_step_is_the_step_on_the_mean_loss_of_its_sequences():
+    """Whatever the pieces a step's sequences are cut into (scoring.PIECES), the step is the plain SGD step on
+    the mean loss of all their targets."""
+    model, tokens = tiny_model().float().train(), np.random.default_rng(9).integers(2, 64, 200)
+    reference = copy.deepcopy(model)
+    cfg = eval_config(ttt={"method": "sgd", "chunk_tokens": 64, "epochs": 2, "lr": 0.1, "momentum": 0.9,
+                           "grad_clip": 1.0, "batch_seqs": 4})
+    lo, hi = 10, 150  # sequences start at 10, 42, 74, 106, 138: steps of 4 and of 1 sequence
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ttt.train_on_scored(model, torch.from_numpy(tokens), lo, hi, cfg, 0.1, optimizer, scoring.ONE)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for starts in ([10, 42, 74, 106], [138]):
+            spans = [(s, min(s + 32, hi)) for s in starts]
+            loss = sum(F.cross_entropy(reference.forward_logits(torch.tensor(tokens[a:b])[None])[0],
+                                       torch.tensor(tokens[a + 1:b + 1]), reduction="sum") for a, b in spans)
+            optimizer.zero_grad()
+            (loss / sum(b - a for a, b in spans)).backward()
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+            optimizer.step()
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_target_scored_twice_is_an_error_even_within_one_call():
+    losses = np.full(5, np.nan)
+    with pytest.raises(AssertionError, match="a target was scored twice"):
+        scoring.record_losses(losses, torch.tensor([1, 2, 2]), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    scoring.record_losses(losses, torch.tensor([1, 2]), torch.tensor([0.1, 0.2], dtype=torch.float64))
+    with pytest.raises(AssertionError, match="a target was scored twice"):
+        scoring.record_losses(losses, torch.tensor([3, 2]), torch.tensor([0.1, 0.2], dtype=torch.float64))
+
 def with_bos(n, bos_at, seed=6):
     tokens = np.random.default_rng(seed).integers(2, 64, n)
     tokens[list(bos_at)] = 1
@@ -149,10 +183,10 @@ LAYOUT = with_bos(300, [5, 6, 40, 41, 150, 160, 162, 299])
 def test_lora_documents_and_chunks_score_every_target_once(bos_at, seq_len, chunk):
     tokens = with_bos(100, bos_at)
     counts = np.zeros(len(tokens), dtype=int)
-    for start, end in evaluate.document_spans(tokens):
+    for start, end in ttt.document_spans(tokens):
         assert tokens[start] == 1 or start == 0
         assert not (tokens[start + 1:end - 1] == 1).any()  # no BOS inside; the last token may be the next BOS
-        for w_start, w_end, first in evaluate.chunk_windows(start, end, seq_len, chunk):
+        for w_start, w_end, first in ttt.chunk_windows(start, end, seq_len, chunk):
             assert start <= w_start < first <= w_end < end and w_end - w_start <= seq_len
             assert w_end - first < chunk
             counts[first:w_end + 1] += 1
@@ -341,13 +375,13 @@ def test_progress_is_printed_per_chunk_and_does_not_change_the_scores(tiny_data,
     val = load_tokens(manifest_shards(tiny_data["manifest"], "val"))
     cfg = {"seq_len": 64, "stride": 16, "batch_seqs": 4, "doc_isolation": False,
            "ogd": {"enabled": False, "lr": 0.5}}
-    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", math.inf)  # only the final line
+    monkeypatch.setattr(scoring, "PROGRESS_SECONDS", math.inf)  # only the final line
     whole = evaluate.token_losses(model, val, "sliding", cfg, torch.device("cpu"))
     monkeypatch.setattr(evaluate, "PROGRESS_BATCHES", 3)
-    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(scoring, "PROGRESS_SECONDS", 0.0)
     paced = evaluate.token_losses(model, val, "sliding", cfg, torch.device("cpu"))
     assert np.array_equal(whole, paced, equal_nan=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluate sliding:")]
-    windows = len(evaluate.scoring_windows(len(val), 64, 16))
+    windows = len(scoring.scoring_windows(len(val), 64, 16))
     chunks = -(-windows // 12)
     assert len(lines) == chunks + 1 and lines[-1].startswith(f"evaluate sliding: {chunks}/{chunks} chunks")

@@ -82,11 +82,32 @@ def synthetic_dataset(work: Path, train: str, val: str, vocab: int = VOCAB, toke
     return manifest
 
 
+def synthetic_corpus(work: Path, megabytes: int) -> Path:
+    """A jsonl corpus of about `megabytes` MB: documents of Zipf-drawn words (cached)."""
+    path = work / f"corpus{megabytes}MB.jsonl"
+    if path.exists():
+        return path
+    rng = np.random.default_rng(megabytes)
+    words = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9)))
+                      for _ in range(20_000)])
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        written, i = 0, 0
+        while written < megabytes * 1_000_000:
+            doc = " ".join(words[rng.zipf(1.2, size=int(rng.integers(200, 1000))) % len(words)])
+            line = json.dumps({"id": i, "text": doc}) + "\n"
+            f.write(line)
+            written, i = written + len(line), i + 1
+    tmp.rename(path)
+    return path
+
+
 # ---- one stage, in a child process -----------------------------------------------------------------
 
 def default_config() -> dict:
+    """The defaults of the code being measured (a child runs in its code root: an older commit, its own)."""
     import yaml
-    return yaml.safe_load((ROOT / "config.yaml").read_text())["defaults"]
+    return yaml.safe_load((Path.cwd() / "config.yaml").read_text())["defaults"]
 
 
 def measure(stage: str, manifest: Path, scratch: Path) -> dict:
@@ -110,6 +131,13 @@ def measure(stage: str, manifest: Path, scratch: Path) -> dict:
     elif stage == "leak_check":
         from stages import submission
         extra = submission.val_overlap(manifest)
+    elif stage == "tokenize":  # `manifest` is a jsonl corpus here
+        from stages import config as caddie
+        from stages import tokenize
+        tok = caddie.tokenize_section({**cfg["tokenize"], "source": "files", "max_docs": 0, "val_docs": 500,
+                                       "files": {"paths": [str(manifest)], "txt_split": "file", "text_field": "text"},
+                                       "tokenizer_sample_docs": 2000, "shard_tokens": 10_000_000})
+        extra = {"tokens": tokenize.run(tok, scratch / "out")["tokens"]}
     return {"seconds": time.perf_counter() - start, **extra}
 
 
@@ -209,6 +237,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default="10M,100M,1B", help="train sizes (of %s)" % ", ".join(SIZES))
     ap.add_argument("--val", default="1M,10M", help="val sizes for the leak check (of %s)" % ", ".join(VAL_SIZES))
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--corpus", default="20,200", help="corpus sizes (MB of jsonl) for streaming tokenize; '' = none")
     ap.add_argument("--before", help="a git revision to measure beside the current code")
     ap.add_argument("--before-max", default="100M", help="the largest train size to run the older code at")
     ap.add_argument("--work", default="/tmp/caddie-scale", type=Path)
@@ -233,6 +262,12 @@ def main(argv=None):
                         continue
                     row[name] = run_child(code, stage, manifest, args.timeout)
                     print(stage, train, val, name, row[name], file=sys.stderr, flush=True)
+    corpus = {}
+    for mb in filter(None, args.corpus.split(",")):
+        path = synthetic_corpus(args.work, int(mb))
+        for name, code in versions.items():
+            corpus.setdefault(mb, {})[name] = run_child(code, "tokenize", path, args.timeout)
+            print("tokenize", mb, name, corpus[mb][name], file=sys.stderr, flush=True)
     lines = [f"# Scale: stage x data size ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores)", "",
              "Synthetic challenge-format shards (Zipf ids, vocab 8,192, BOS-started documents of mean 1,000 tokens, "
              f"{SHARD_TOKENS:,}-token train shards); seq_len {SEQ_LEN}; each cell one fresh process.", "",
@@ -252,6 +287,20 @@ def main(argv=None):
                 cells += [cell(r, f"ms_per_micro_batch_{k}", ".2f") for k in ("curriculum", "curriculum_8_ranks", "plain")]
             lines.append(f"| {train} | " + " | ".join(cells) + " |")
         lines.append("")
+    if corpus:
+        lines += ["Streaming tokenize (`source: files`, one jsonl corpus of Zipf-drawn words, 2,000-document tokenizer "
+                  "sample, 2 encoding workers; the main process's peak RssAnon):", "",
+                  "| corpus MB | " + " | ".join(f"{v} s | {v} peak RssAnon MB" for v in versions) + " |",
+                  "|---|" + "---|---|" * len(versions)]
+        for mb, by_version in corpus.items():
+            cells = []
+            for v in versions:
+                cells += [cell(by_version.get(v), "seconds", ".1f"), cell(by_version.get(v), "peak_rss_anon_mb", ",.0f")]
+            lines.append(f"| {mb} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if args.before:
+        lines += [f"The older commit is not run above {args.before_max} train tokens: its curriculum holds 32 bytes per "
+                  "train token (32 GB at 1B), past this machine's memory.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

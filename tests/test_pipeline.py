@@ -184,7 +184,7 @@ def digests(folder) -> dict:
 @pytest.mark.parametrize("key, value", [("log_every", 3), ("checkpoint_every", 7)])
 def test_run_settings_do_not_retrain(workdir, key, value):
     with config_changed(workdir, lambda cfg: cfg["defaults"]["train"].update({key: value})):
-        assert planned_jobs(workdir) == {"aggregate": 1, "all": 1}  # only the report, which shows the config
+        assert planned_jobs(workdir) == {"aggregate_plan": 1, "aggregate": 1, "all": 1}  # only the report, which shows the config
 
 
 def test_ttt_settings_rerun_only_the_ttt_evaluations_and_the_budget_only_the_report(workdir):
@@ -192,9 +192,9 @@ def test_ttt_settings_rerun_only_the_ttt_evaluations_and_the_budget_only_the_rep
     ttt_evals = len({k for keys in plan["arms"].values() for modes in keys["evaluate"].values()
                      for m, k in modes.items() if m == "ttt"}) * 2
     with config_changed(workdir, lambda cfg: cfg["defaults"]["evaluate"]["ttt"].update(lr=0.001)):
-        assert planned_jobs(workdir) == {"evaluate": ttt_evals, "aggregate": 1, "all": 1}
+        assert planned_jobs(workdir) == {"evaluate": ttt_evals, "aggregate_plan": 1, "aggregate": 1, "all": 1}
     with config_changed(workdir, lambda cfg: cfg["defaults"]["evaluate"].update(budget_seconds=1)):
-        assert planned_jobs(workdir) == {"aggregate": 1, "all": 1}
+        assert planned_jobs(workdir) == {"aggregate_plan": 1, "aggregate": 1, "all": 1}
 
 
 def test_a_moved_project_under_another_interpreter_path_reruns_nothing(workdir, tmp_path):
@@ -271,7 +271,7 @@ def test_a_failing_aggregate_keeps_the_last_good_reports(workdir):
         assert "Restored previous version" in done.stdout + done.stderr
     assert digests(workdir / "reports") == before
     # Snakemake keeps the failed job's provenance, so the report is made again, and nothing else is.
-    assert set(planned_jobs(workdir)) <= {"aggregate", "all"}
+    assert set(planned_jobs(workdir)) <= {"aggregate_plan", "aggregate", "all"}
 
 
 def test_a_trainer_orphaned_by_a_killed_snakemake_blocks_a_second_one_then_resumes(workdir):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import FIXTURES, ROOT, default_config
+from conftest import FIXTURES, ROOT, assert_learns_a_repeating_sequence, default_config
 from stages import layout
 from stages.model import GPT, GPTConfig, is_control_tensor, param_groups, rms_norm
 
@@ -143,19 +143,7 @@ def test_option_shapes_gradients_and_learning(name):
         assert not torch.allclose(other.forward_logits(idx), logits, atol=1e-4)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
 
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02, betas=(0.9, 0.95))
-    seq = torch.arange(17).remainder(8).repeat(4, 1) + 2
-    idx, targets = seq[:, :-1], seq[:, 1:]
-    losses = []
-    for _ in range(30):
-        loss = model(idx, targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert model(idx, targets).item() < 0.5 * losses[0], losses
+    assert_learns_a_repeating_sequence(cfg)
 
 
 def test_record_stack_param_groups_and_control_tensors():

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from conftest import assert_learns_a_repeating_sequence
 from stages.model import GPT, GPTConfig, causal_attention, is_control_tensor, param_groups
 from stages.muon import Muon, zeropower_via_newtonschulz5
 
@@ -248,20 +249,7 @@ def test_option_shapes_gradients_and_learning(name):
     for pname, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
 
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    model.qat_active = bool(cfg.qat_bits)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02, betas=(0.9, 0.95))
-    seq = torch.arange(17).remainder(8).repeat(4, 1) + 2
-    idx, targets = seq[:, :-1], seq[:, 1:]
-    losses = []
-    for _ in range(30):
-        loss = model(idx, targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert model(idx, targets).item() < 0.5 * losses[0], losses
+    assert_learns_a_repeating_sequence(cfg)
 
 
 def test_options_default_to_baseline():

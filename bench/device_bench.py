@@ -41,14 +41,33 @@ SHAPES = {
 SMOKE = {"model": {"num_layers": 2, "model_dim": 64, "num_heads": 2, "num_kv_heads": 1, "mlp_mult": 2}}
 
 
+RECORD_PRESET = ROOT / "presets" / "record-2135.yaml"  # the frontier row trains the record's model and options
+RECORD_MS_PER_STEP = 121.25  # #1855 on 8xH100 (its log; reference/perf-anchors.md): about 8x that on one GPU
+RECORD_LOOPED_MS = 140.9  # the same, once the loop is on (96.5 before)
+
+
+def record_stack(train: dict) -> None:
+    """The record preset's model options and training techniques over `train` (its shape, data and run settings
+    stay the bench's)."""
+    preset = yaml.safe_load(RECORD_PRESET.read_text())["defaults"]["train"]
+    train["model"].update({k: v for k, v in preset["model"].items() if k not in SHAPES["frontier"]["model"]})
+    for key in ("doc_isolation", "document_packing", "ema", "recur_start", "optimizer"):
+        train[key] = caddie.deep_merge(train[key], preset[key]) if isinstance(train[key], dict) else preset[key]
+
+
 def arm_config(shape: str, smoke: bool) -> dict:
-    """config.yaml's defaults with the shape, on one GPU (or tiny on CPU for --smoke)."""
+    """config.yaml's defaults with the shape, on one GPU (or tiny on CPU for --smoke); the frontier shape with
+    the record's model and training stack."""
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     d = cfg["defaults"]
     s = SHAPES[shape]
     d["curriculum"]["enabled"] = False
+    if shape == "frontier":
+        record_stack(d["train"])
+        if smoke:
+            d["train"]["model"].update(recur_layers=[0, 1], parallel_from=1, xsa_layers=2)
     d["train"]["model"].update(SMOKE["model"] if smoke else s["model"])
-    d["train"].update(seq_len=s["seq_len"] if not smoke else 128, batch_tokens=524_288 if not smoke else 4096,
+    d["train"].update(seq_len=s["seq_len"] if not smoke else 128, batch_tokens=(786_432 if shape == "frontier" else 524_288) if not smoke else 4096,
                       micro_batches=8, iterations=30 if not smoke else 12, warmdown_iters=5, warmup_steps=10 if not smoke else 0,
                       max_seconds=0, device="cpu" if smoke else "cuda", nproc=1, compile=not smoke, log_every=5,
                       checkpoint_every=0)
@@ -86,7 +105,7 @@ def flops_per_token(params: int, model: dict, seq_len: int) -> float:
 
 def caddie_train(configs: dict, manifest: Path, out: Path, timeout: float) -> dict:
     run([sys.executable, "-m", "stages.train", "--config", json.dumps(configs["train"]),
-         "--run", json.dumps(configs["train_run"]), "--manifest", str(manifest),
+         "--run-settings", json.dumps(configs["train_run"]), "--manifest", str(manifest),
          "--seed", "1337", "--out-dir", str(out), "--resume-dir", str(out / "resume")], timeout)
     summary = json.loads((out / "summary.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -172,6 +191,13 @@ def report(results: dict, args) -> str:
     b, c = results.get("caddie_baseline"), results.get("challenge_baseline")
     if b and c and "error" not in b and "error" not in c:
         lines += ["", f"caddie / train_gpt.py ms per step: {b['ms_per_step'] / c['ms_per_step']:.3f}"]
+    f = results.get("caddie_frontier")
+    if f and "error" not in f:
+        lines += ["", f"Frontier row: {RECORD_PRESET.name}'s model and training options (document packing, depth "
+                  "recurrence from 35% of the steps, so the timed second half runs looped), 786,432 tokens/step as 8 "
+                  f"micro-batches. The record on 8xH100: {RECORD_MS_PER_STEP} ms/step on average, "
+                  f"{RECORD_LOOPED_MS} ms looped, so about {8 * RECORD_LOOPED_MS:.0f} ms looped on one GPU "
+f"of that class; caddie here: {f['ms_per_step']:.0f} ms ({f['ms_per_step'] / (8 * RECORD_LOOPED_MS):.2f}×)."]
     q, e = results.get("gptq_frontier"), results.get("sliding_baseline")
     lines += ["", "| GPTQ, frontier shape | Hessian s | quantize s | stage s | artifact bytes |", "|---|---:|---:|---:|---:|",
               f"| {fmt(q, 'device', 's')} | {fmt(q, 'hessian_seconds', '.1f')} | {fmt(q, 'quantize_seconds', '.1f')} | "

@@ -31,6 +31,6 @@ rule train:
     benchmark:
         "benchmarks/train/{key}/seed{seed}.tsv"
     shell:
-        "{PYTHON} {params.launcher} -m stages.train --config {params.config:q} --run {params.run:q} "
+        "{PYTHON} {params.launcher} -m stages.train --config {params.config:q} --run-settings {params.run:q} "
         "--manifest {input.manifest} {params.curriculum} --seed {wildcards.seed} "
         "--out-dir artifacts/train/{wildcards.key}/seed{wildcards.seed} --resume-dir {params.resume_dir} > {log} 2>&1"

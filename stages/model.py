@@ -12,14 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages import layout, rowquant
+from stages.attention import BOS_ID, Segments, causal_attention, document_mask
 from stages.io import IntegrityError
 
-try:
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
-
-BOS_ID = 1  # stages.tokenize.BOS_ID: every document starts with it
 SMEAR_GATE_DIMS = 12  # the records' GATE_WINDOW: the input dims that the smear gate and the attention gate read
 CONTROL_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
                     "q_gain", "skip_weight", "skip_weights", "skip_gates", "smear", "lane_resid", "lane_post",
@@ -190,28 +185,6 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """q: (B, H, T, D); k, v: (B, H_kv, T, D); mask: None (causal) or bool (B, 1, T, T), True = may attend.
-    Returns (B, H, T, D)."""
-    if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return y.transpose(1, 2)
-    # Hook for document isolation on CUDA: flash_attn_varlen_func with cu_seqlens at the BOS positions
-    # would replace the dense mask here (not implemented: it cannot be tested without a GPU).
-    gqa = k.size(1) != q.size(1)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
-def document_mask(idx: Tensor) -> Tensor:
-    """(B, 1, T, T) causal mask that also stops attention at the last BOS at or before each query."""
-    doc = torch.cumsum(idx == BOS_ID, dim=1)
-    T = idx.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
-
-
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: remove from each head's output its component along its own (normalised) value vector.
     y: (B, H, T, D); v: (B, H_kv, T, D); q head h reads kv head h // (H // H_kv), as in SDPA's enable_gqa."""
@@ -256,7 +229,7 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.rope_dims or self.head_dim, cfg.rope_base, cfg.rope_fp32)
         self.head_gate = SparseAttnGate(cfg) if cfg.sparse_attn_gate else None
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, span: Tensor | Segments | None = None) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -265,7 +238,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(T, x.device, q.dtype)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = causal_attention(q, k, v, mask)
+        y = causal_attention(q, k, v, span)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.head_gate is not None:
@@ -303,19 +276,19 @@ class Block(nn.Module):
         x = rms_norm(x)
         return x if self.ln_scale is None else x * self.ln_scale
 
-    def forward(self, x: Tensor, x0: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, span: Tensor | Segments | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.normed(x), mask)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.normed(x), span)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.normed(x))
 
     def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, resid: Tensor, post: Tensor,
-                      mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      span: Tensor | Segments | None = None) -> tuple[Tensor, Tensor]:
         """Parallel residual (the record #1855): attention reads lane 0 (mixed with x0 as in forward), the MLP
         reads lane 1 as it is, both from the same step; lane l keeps resid[l] of itself and gets post[0, l] of
         the attention output and post[1, l] of the MLP output."""
         mix, dtype = self.resid_mix.to(x0.dtype), x0.dtype
-        attn = self.attn_scale.to(dtype) * self.attn(self.normed(mix[0] * lanes[0] + mix[1] * x0), mask)
+        attn = self.attn_scale.to(dtype) * self.attn(self.normed(mix[0] * lanes[0] + mix[1] * x0), span)
         mlp = self.mlp_scale.to(dtype) * self.mlp(self.normed(lanes[1]))
         resid, post = resid.to(dtype), post.to(dtype)
         return (resid[0] * lanes[0] + post[0, 0] * attn + post[1, 0] * mlp,
@@ -408,20 +381,21 @@ class GPT(nn.Module):
             return x + skip
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
 
-    def hidden(self, idx: Tensor, doc_isolation: bool = False) -> Tensor:
-        """The last block's output (the mean of the two lanes after parallel blocks)."""
+    def hidden(self, idx: Tensor, doc_isolation: bool = False, segments: Segments | None = None) -> Tensor:
+        """The last block's output (the mean of the two lanes after parallel blocks). Attention stays within each
+        row, within each document of a row (doc_isolation), or within each segment of one packed row (segments)."""
         x = self.tok_emb(idx)
         if self.smear is not None:
             x = self.smear(x, idx)
         x = rms_norm(x)
         x0 = x
-        mask = document_mask(idx) if doc_isolation else None
+        span = segments if segments is not None else document_mask(idx) if doc_isolation else None
         encoder, decoder = layout.halves(self.layer_order())
         skips, lanes = [], None  # lanes: the two residual streams from the first parallel decoder layer on
         # U-Net: encoder outputs are added back, last-in first-out, before the decoder blocks.
         for i in encoder:
             if i < self.active_layers:
-                x = self.blocks[i](x, x0, mask)
+                x = self.blocks[i](x, x0, span)
             skips.append(x)
         for j, i in enumerate(decoder):
             if lanes is None and 0 <= self.config.parallel_from <= i:
@@ -434,9 +408,9 @@ class GPT(nn.Module):
             if i >= self.active_layers:
                 continue
             if lanes is None:
-                x = self.blocks[i](x, x0, mask)
+                x = self.blocks[i](x, x0, span)
             else:
-                lanes = self.blocks[i].forward_lanes(lanes, x0, self.lane_resid[i], self.lane_post[i], mask)
+                lanes = self.blocks[i].forward_lanes(lanes, x0, self.lane_resid[i], self.lane_post[i], span)
         return x if lanes is None else 0.5 * (lanes[0] + lanes[1])
 
     def head(self, x: Tensor) -> Tensor:
@@ -451,14 +425,15 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def forward_logits(self, idx: Tensor, doc_isolation: bool = False) -> Tensor:
+    def forward_logits(self, idx: Tensor, doc_isolation: bool = False, segments: Segments | None = None) -> Tensor:
         """The logits every scoring path (and TTT) reads: with asym_logit, under the two learned caps."""
-        return self.softcap(self.head(self.hidden(idx, doc_isolation)), self.config.asym_logit).float()
+        return self.softcap(self.head(self.hidden(idx, doc_isolation, segments)), self.config.asym_logit).float()
 
-    def forward(self, idx: Tensor, targets: Tensor, doc_isolation: bool = False) -> Tensor:
+    def forward(self, idx: Tensor, targets: Tensor, doc_isolation: bool = False,
+                segments: Segments | None = None) -> Tensor:
         """The training loss. It keeps the single cap even with asym_logit, as the record's fused loss does, so
         the two caps get no gradient in training: they learn at test time (TTT) only."""
-        logits = self.softcap(self.head(self.hidden(idx, doc_isolation)), asym=False).float()
+        logits = self.softcap(self.head(self.hidden(idx, doc_isolation, segments)), asym=False).float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="mean")
 
 

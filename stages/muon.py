@@ -20,18 +20,22 @@ NEWTON_SCHULZ = {"standard": STANDARD, "polar_express": POLAR_EXPRESS}
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7,
-                                coefficients: tuple = STANDARD) -> Tensor:
+                                coefficients: tuple = STANDARD, records_form: bool = False) -> Tensor:
     """Approximately orthogonalize a 2-D matrix (push its singular values towards 1) in bf16. Iteration i
-    applies X <- a X + (b A + c A^2) X with A = X X^T and (a, b, c) = coefficients[i] (the last for i beyond)."""
+    applies X <- a X + (b A + c A^2) X with A = X X^T and (a, b, c) = coefficients[i] (the last for i beyond).
+    records_form: the records' arithmetic (transpose, then normalise; c · (A @ A)) instead of the baseline's
+    (normalise, then transpose; (c · A) @ A): the same math, rounded differently in bf16."""
     X = G.bfloat16()
-    X = X / (X.norm() + eps)
     transposed = G.size(0) > G.size(1)
-    if transposed:  # iterate on the short side: A = X X^T is then the smaller Gram matrix
+    if records_form and transposed:
+        X = X.T
+    X = X / (X.norm() + eps)
+    if transposed and not records_form:  # iterate on the short side: A = X X^T is then the smaller Gram matrix
         X = X.T
     for i in range(steps):
         a, b, c = coefficients[min(i, len(coefficients) - 1)]
         A = X @ X.T
-        B = b * A + c * A @ A
+        B = b * A + c * (A @ A) if records_form else b * A + c * A @ A
         X = a * X + B @ X
     return X.T if transposed else X
 
@@ -42,12 +46,13 @@ class Muon(torch.optim.Optimizer):
     Gradients must already be averaged across ranks (DDP does this)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True,
-                 weight_decay: float = 0.0, row_normalize: bool = False, newton_schulz: str = "standard"):
+                 weight_decay: float = 0.0, row_normalize: bool = False, newton_schulz: str = "standard",
+                 momentum_bf16: bool = False):
         if newton_schulz not in NEWTON_SCHULZ:
             raise ValueError(f"newton_schulz must be one of {sorted(NEWTON_SCHULZ)}, got {newton_schulz!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
                                       weight_decay=weight_decay, row_normalize=row_normalize,
-                                      newton_schulz=newton_schulz))
+                                      newton_schulz=newton_schulz, momentum_bf16=momentum_bf16))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,7 +76,8 @@ class Muon(torch.optim.Optimizer):
             offset = 0
             for i, p in enumerate(params):
                 if i % world_size == rank and p.grad is not None:
-                    g = p.grad
+                    # The records round the gradient to bf16 first, so momentum and Nesterov run in bf16.
+                    g = p.grad.bfloat16() if group["momentum_bf16"] else p.grad
                     state = self.state[p]
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(g)
@@ -81,9 +87,14 @@ class Muon(torch.optim.Optimizer):
                         g = g.add(buf, alpha=momentum)
                     if group["row_normalize"]:  # MuonEq-R (the records): unit rows before orthogonalizing
                         g = g / g.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(g.dtype)
-                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"], coefficients=coefficients)
-                    g *= max(1, g.size(0) / g.size(1)) ** 0.5
-                    updates[offset: offset + p.numel()] = g.reshape(-1)
+                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"], coefficients=coefficients,
+                                                    records_form=group["newton_schulz"] == "polar_express")
+                    scale = max(1, g.size(0) / g.size(1)) ** 0.5
+                    if group["momentum_bf16"]:  # the records scale the update in fp32, not in bf16 as the baseline
+                        updates[offset: offset + p.numel()] = g.reshape(-1).float() * scale
+                    else:
+                        g *= scale
+                        updates[offset: offset + p.numel()] = g.reshape(-1)
                 offset += p.numel()
             if distributed:
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from stages import techniques
+from stages.attention import Segments, document_segments
 from stages.curriculum import load_sampler
 from stages.devices import init_distributed
 from stages.io import IntegrityError, read_json, save_torch, sha256_file, write_json, write_text
@@ -66,12 +67,12 @@ class TokenStream:
 
 class Batches:
     """Each call yields this rank's (x, y) share of one micro-batch of the fixed global batch: a contiguous
-    span of the stream, or (curriculum) the windows this rank's sampler draws, read from the shards'
-    memmaps by (shard, offset)."""
+    span of the stream (as rows of seq_len, or packed: the whole span as one row), or (curriculum) the windows this
+    rank's sampler draws, read from the shards' memmaps by (shard, offset)."""
 
-    def __init__(self, stream, sampler, windows: ShardSet | None, seq_len, rank, world_size):
+    def __init__(self, stream, sampler, windows: ShardSet | None, seq_len, rank, world_size, packed=False):
         self.stream, self.sampler, self.windows = stream, sampler, windows
-        self.seq_len, self.rank, self.world = seq_len, rank, world_size
+        self.seq_len, self.rank, self.world, self.packed = seq_len, rank, world_size, packed
 
     def next(self, local_tokens: int, progress: float, seq_len: int | None = None):
         """local_tokens tokens as rows of seq_len (default: the configured one; context growth passes
@@ -81,7 +82,8 @@ class Batches:
             span = local_tokens + 1
             chunk = self.stream.take(span * self.world)[self.rank * span:(self.rank + 1) * span]
             local = torch.from_numpy(chunk.astype(np.int64))
-            return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+            shape = (1, -1) if self.packed else (-1, seq_len)
+            return local[:-1].view(shape), local[1:].view(shape)
         shard, offset = self.sampler.sample(local_tokens // seq_len, progress)
         seqs = torch.from_numpy(self.windows.read(shard, offset, seq_len + 1))
         return seqs[:, :-1], seqs[:, 1:]
@@ -151,7 +153,8 @@ def build_optimizers(model: GPT, opt: dict, fused: bool) -> list[torch.optim.Opt
     optimizers = [adam(groups["embed"], embed_lr, opt["embed_weight_decay"]),
                   Muon(groups["matrix"], lr=opt["matrix_lr"], momentum=opt["muon_momentum"],
                        backend_steps=opt["muon_backend_steps"], weight_decay=opt["muon_weight_decay"],
-                       row_normalize=opt["muon_row_normalize"], newton_schulz=opt["newton_schulz"]),
+                       row_normalize=opt["muon_row_normalize"], newton_schulz=opt["newton_schulz"],
+                       momentum_bf16=opt["muon_momentum_bf16"]),
                   adam(groups["scalar"], opt["scalar_lr"], opt["scalar_weight_decay"])]
     for group in optimizers[1].param_groups:
         group["base_lr"] = opt["matrix_lr"]
@@ -236,7 +239,11 @@ class Trainer:
             windows.check_windows(sampler.shard, sampler.offset, cfg["seq_len"] + 1, curriculum_path)
         else:
             sampler, stream, windows = None, TokenStream(paths, vocab), None
-        self.batches = Batches(stream, sampler, windows, cfg["seq_len"], self.rank, self.world)
+        if cfg["document_packing"] and sampler is not None:
+            raise ValueError("train.document_packing: packs the stream's contiguous spans, so it needs "
+                             "curriculum.enabled: false")
+        self.batches = Batches(stream, sampler, windows, cfg["seq_len"], self.rank, self.world,
+                               packed=cfg["document_packing"])
         self.step, self.elapsed_ms, self.metrics = 0, 0.0, []
         self.seq_len = self.phase_at(0.0)["seq_len"]  # the context growth's current length
         self.rewarm_from = None  # the step its length last changed, while the LR warms up again
@@ -325,7 +332,7 @@ class Trainer:
             sync = self.ddp is None or micro == self.accum - 1
             with (nullcontext() if sync else self.ddp.no_sync()), autocast:
                 loss = self.step_model(x.to(self.device, torch.long), y.to(self.device, torch.long),
-                                       doc_isolation=self.cfg["doc_isolation"])
+                                       doc_isolation=self.cfg["doc_isolation"], segments=self.segments(x))
             (loss / self.accum).backward()
             total += loss.detach() / self.accum
         if originals is not None:
@@ -343,6 +350,10 @@ class Trainer:
             self.ema.update(self.model)
         self.lr_mul, self.applied_lr_mul = lr_mul, applied
         return all_reduce_mean(total, self.world), batch
+
+    def segments(self, x: torch.Tensor) -> Segments | None:
+        """With document packing, where the packed row is cut: at each BOS and every seq_len tokens of a document."""
+        return document_segments(x[0].numpy(), self.seq_len).to(self.device) if self.batches.packed else None
 
     def replay_hard_batches(self):
         """Every `replay.every` steps, one more step on each of the hardest batches at lr_mult × the LR."""
@@ -610,9 +621,10 @@ def main(argv=None):
     parser.add_argument("--seed", required=True, type=int)
     parser.add_argument("--out-dir", required=True, type=Path)
     parser.add_argument("--resume-dir", required=True, type=Path)
-    parser.add_argument("--run", default="{}", help="run settings (log_every, checkpoint_every), as JSON")
+    parser.add_argument("--run-settings", default="{}", help="run settings (log_every, checkpoint_every), as JSON "
+                        "(not --run: torchrun would take it for its own --run-path)")
     args = parser.parse_args(argv)
-    config, run = json.loads(args.config), json.loads(args.run)
+    config, run = json.loads(args.config), json.loads(args.run_settings)
     trainer = Trainer({**config["train"], **run}, config["curriculum"], args.manifest, args.curriculum,
                       args.curriculum_summary, args.seed)
     with trainer_lock(args.resume_dir, args.out_dir, trainer.rank):

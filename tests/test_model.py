@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import assert_learns_a_repeating_sequence
-from stages.model import GPT, GPTConfig, causal_attention, is_control_tensor, param_groups
+from stages.attention import causal_attention
+from stages.model import GPT, GPTConfig, is_control_tensor, param_groups
 from stages.muon import Muon, zeropower_via_newtonschulz5
 
 
@@ -429,7 +430,7 @@ def test_run_time_switches_survive_torch_compile():
 
 
 def test_document_isolation():
-    from stages.model import document_mask
+    from stages.attention import document_mask
     idx = torch.tensor([[5, 1, 7, 8, 1, 9]])
     allowed = document_mask(idx)[0, 0]
     assert allowed[3].tolist() == [False, True, True, True, False, False]

@@ -119,7 +119,8 @@ def test_torchrun_two_cpu_processes_match_one_process(tiny_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train.main(train_args(tiny_data, one, micro_batches=2, iterations=10))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "stages.train", *train_args(tiny_data, two, micro_batches=2, iterations=10)]
+           "-m", "stages.train", *train_args(tiny_data, two, micro_batches=2, iterations=10),
+           "--run-settings", json.dumps({"log_every": 5})]  # as rules/train.smk passes them
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -242,7 +243,7 @@ def test_run_settings_do_not_change_what_is_trained(tiny_data, tmp_path):
     """log_every and checkpoint_every are run settings (not in the train key): same metrics, same weights."""
     import hashlib
     for name, run in (("a", {"log_every": 1, "checkpoint_every": 0}), ("b", {"log_every": 7, "checkpoint_every": 3})):
-        train.main(train_args(tiny_data, tmp_path / name, iterations=10) + ["--run", json.dumps(run)])
+        train.main(train_args(tiny_data, tmp_path / name, iterations=10) + ["--run-settings", json.dumps(run)])
     assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 10
     digest = [json.loads((tmp_path / n / "summary.json").read_text())["model_sha256"] for n in "ab"]
     assert digest[0] == digest[1] == hashlib.sha256((tmp_path / "a" / "model.pt").read_bytes()).hexdigest()

@@ -58,10 +58,12 @@ def test_standard_newton_schulz_is_the_baselines(shape):
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
 def test_polar_express_matches_the_records_formula_and_orthogonalizes(shape):
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
-    pe = muon.zeropower_via_newtonschulz5(G, steps=5, coefficients=muon.POLAR_EXPRESS)
+    pe = muon.zeropower_via_newtonschulz5(G, steps=5, coefficients=muon.POLAR_EXPRESS, records_form=True)
     assert pe.dtype == torch.bfloat16
-    # The record's formula in exact arithmetic: caddie's bf16 result is as near it as the record's own bf16 one
-    # (they group c·A·A differently and take the norm on either side of the transpose: bf16 rounding only).
+    # In the records' form, the record's own bf16 arithmetic, bit for bit; the baseline's form rounds differently.
+    assert torch.equal(pe, record_zeropower(G, muon.POLAR_EXPRESS, 5))
+    assert not torch.equal(muon.zeropower_via_newtonschulz5(G, steps=5, coefficients=muon.POLAR_EXPRESS), pe)
+    # Both near the record's formula in exact arithmetic.
     exact_formula = record_zeropower(G, muon.POLAR_EXPRESS, 5, dtype=torch.float64)
     error = lambda X: float((X.double() - exact_formula).norm() / exact_formula.norm())
     assert error(pe) < 0.08 and error(pe) < 1.25 * error(record_zeropower(G, muon.POLAR_EXPRESS, 5)) + 0.01
@@ -105,10 +107,46 @@ def test_muon_row_normalisation_is_the_records(newton_schulz):
     update, grad = muon_update(newton_schulz, row_normalize=True)
     # record #1855 L1862-1865: rows divided by their fp32 norm, clamped at 1e-7, before Newton-Schulz
     rows = grad / grad.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)
-    expected = muon.zeropower_via_newtonschulz5(rows, coefficients=muon.NEWTON_SCHULZ[newton_schulz]).float()
+    expected = muon.zeropower_via_newtonschulz5(rows, coefficients=muon.NEWTON_SCHULZ[newton_schulz],
+                                                records_form=newton_schulz == "polar_express").float()
     scale = max(1, 16 / 8) ** 0.5
     assert torch.allclose(update, expected * scale, atol=1e-2)
     assert not torch.allclose(update, muon_update(newton_schulz)[0], atol=1e-2)
+
+
+def record_muon_steps(grads, lr, momentum, wd, coefficients):
+    """The records' Muon step (#2135 L2034-2095, not distributed) on one matrix: the gradient rounded to bf16,
+    bf16 momentum and Nesterov, rows normalised, Newton-Schulz, decay, then the update at lr × the shape scale."""
+    p = torch.zeros(grads[0].shape)
+    buf = torch.zeros(grads[0].shape, dtype=torch.bfloat16)
+    scale = max(1, p.shape[0] / p.shape[1]) ** 0.5
+    for grad in grads:
+        g = grad.bfloat16()
+        buf.mul_(momentum).add_(g)
+        update = g.add(buf, alpha=momentum)
+        update = update / update.float().norm(dim=-1, keepdim=True).clamp_min(1e-07).to(update.dtype)
+        update = record_zeropower(update, coefficients, 5)
+        p.mul_(1.0 - lr * wd)
+        p.add_(update.to(p.dtype), alpha=-lr * scale)
+    return p
+
+
+def test_muon_momentum_in_bf16_is_the_records_bank_muon():
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(32, 8, generator=gen) * 1e-3 for _ in range(3)]  # the shape scale 2, as the MLP's fc
+    coefficients = muon.NEWTON_SCHULZ["polar_express"]
+    results = {}
+    for bf16 in (True, False):
+        p = torch.nn.Parameter(torch.zeros(32, 8))
+        opt = muon.Muon([p], lr=0.02, momentum=0.95, backend_steps=5, weight_decay=0.095, row_normalize=True,
+                        newton_schulz="polar_express", momentum_bf16=bf16)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results[bf16] = p.detach()
+    record = record_muon_steps(grads, 0.02, 0.95, 0.095, coefficients)
+    assert torch.equal(results[True], record)
+    assert not torch.allclose(results[False], record, rtol=0, atol=1e-5)
 
 
 def tiny_model(tie=True):

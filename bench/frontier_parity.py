@@ -31,6 +31,7 @@ the depth recurrence off and on. Reported: max |Δ logit|, |Δ training loss| (t
 largest gradient difference relative to the gradient's own scale.
 """
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -39,6 +40,7 @@ import platform
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +79,17 @@ MODEL_ENV = {
 FLIPS = {"activation": "relu2", "rope_dims": 0, "xsa_layers": 0, "parallel_from": -1, "recur_layers": [],
          "smear_gate": False, "smear_bos_mask": None, "ln_scale": False, "skip_gates": False,
          "sparse_attn_gate": False, "sparse_attn_gate_scale": 1.0, "asym_logit": None}
+# The record's optimizer settings, each set from the preset's train.optimizer, so that both optimizers run the
+# preset's numbers (the preset's come from the record's logged Hyperparameters).
+OPTIMIZER_ENV = {"TIED_EMBED_LR": "tied_embed_lr", "MATRIX_LR": "matrix_lr", "SCALAR_LR": "scalar_lr",
+                 "MUON_MOMENTUM": "muon_momentum", "MUON_BACKEND_STEPS": "muon_backend_steps",
+                 "MUON_MOMENTUM_WARMUP_START": "muon_momentum_warmup_start",
+                 "MUON_MOMENTUM_WARMUP_STEPS": "muon_momentum_warmup_steps", "BETA1": "beta1", "BETA2": "beta2",
+                 "ADAM_EPS": "adam_eps", "GRAD_CLIP_NORM": "grad_clip_norm", "MUON_WD": "muon_weight_decay",
+                 "EMBED_WD": "embed_weight_decay", "ADAM_WD": "scalar_weight_decay",
+                 "MUON_ROW_NORMALIZE": "muon_row_normalize"}
+OPTIMIZER_STEPS = 4
+CUT_LEN = 64  # a max_doc_len short enough that the packed row's long documents are cut
 SHAPES = {"reduced": {"VOCAB_SIZE": "1024", "MODEL_DIM": "256"}, "full": {}}
 TOKENS = {"reduced": 1024, "full": 512}
 
@@ -108,12 +121,24 @@ triton = _stub_types.SimpleNamespace(jit=lambda fn: fn)
 tl = _stub_types.SimpleNamespace(constexpr=int)
 TensorDescriptor = None
 '''
+# Set on the record's objects at run time (its file is not edited for them).
+RUNTIME_SETTINGS = [
+    "`BOS_ID = 1` on the record's module after importing it, as its own data loaders do (`if BOS_ID is None: "
+    "BOS_ID = 1`) before its first forward pass",
+    "for the optimizer steps, `torch.cuda.Stream`, `current_stream` and `stream` as no-op stand-ins in the "
+    "record's process (#1855 runs its Adam steps on a side CUDA stream; on CPU every op runs in order)",
+    "for the optimizer steps, `block.mlp.use_fused = False` on each block (as the record itself sets it for "
+    "calibration): its training-mode MLP is a Triton kernel of the same LeakyReLU² math",
+]
 # (old text, new text, expected number of matches, why). Nothing else in the record's file is changed.
 SUBSTITUTIONS = [
     ("from flash_attn_interface import (\n    flash_attn_func as flash_attn_3_func,\n    flash_attn_varlen_func,\n)\n",
      SDPA_STAND_INS, 1,
      "flash-attn 3 (`flash_attn_3_func`, `flash_attn_varlen_func`) replaced by PyTorch SDPA with the same "
      "semantics: causal, grouped-query; varlen as a block-diagonal causal mask built from `cu_seqlens`"),
+    ("@torch.compile\ndef zeropower_via_newtonschulz5(", "def zeropower_via_newtonschulz5(", 1,
+     "no `@torch.compile` on the Newton-Schulz iteration (it still runs in bf16, eager; inductor's fused kernels "
+     "round differently), as bench/parity.py does for the baseline's"),
     ("import triton\nimport triton.language as tl\nfrom triton.tools.tensor_descriptor import TensorDescriptor\n",
      TRITON_STUB, 1,
      "Triton replaced by a stub (`triton.jit` = identity, `tl.constexpr` = int): its kernels (fused softcapped CE, "
@@ -216,14 +241,97 @@ def packed_row(vocab: int, tokens: int, seed: int):
     return row[None]
 
 
+def preset_train(record: str) -> dict:
+    import yaml
+    sys.path.insert(0, str(ROOT))
+    from stages.config import deep_merge
+    base = yaml.safe_load((ROOT / "config.yaml").read_text())["defaults"]["train"]
+    return deep_merge(base, yaml.safe_load((ROOT / "presets" / f"record-{record}.yaml").read_text())
+                      ["defaults"]["train"])
+
+
+def optimizer_env(train_cfg: dict) -> dict:
+    opt = train_cfg["optimizer"]
+    return {env: str(int(opt[key]) if isinstance(opt[key], bool) else opt[key]) for env, key in OPTIMIZER_ENV.items()}
+
+
+def optimizer_steps(peer, h, theirs, ours, train_cfg: dict, vocab: int, tokens: int, attention: str,
+                    shared_gradients: bool = False) -> list[dict]:
+    """OPTIMIZER_STEPS training steps side by side from the same weights, each on a fresh packed row: the record's
+    step_fn (its Optimizers, momentum warmup, lr, clip) and caddie's (build_optimizers, muon_momentum, the same
+    order). Per step: both losses, and the largest weight difference after the step relative to the weight's scale."""
+    import torch
+    from stages.attention import document_segments
+    from stages.train import build_optimizers, muon_momentum
+    opt_cfg = train_cfg["optimizer"]
+    theirs.train(), ours.train()
+    for block in theirs.blocks:  # its Triton LeakyReLU² MLP in training: the same math, eager (RUNTIME_SETTINGS)
+        block.mlp.use_fused = False
+    theirs.looping_active, ours.recurrence_active = True, True
+    stub = types.SimpleNamespace(wait_stream=lambda other: None)  # RUNTIME_SETTINGS: #1855's side stream
+    torch.cuda.Stream = torch.cuda.current_stream = lambda *args, **kwargs: stub
+    torch.cuda.stream = lambda s: contextlib.nullcontext()
+    record_opts = peer.Optimizers(h, theirs)
+    caddie_opts = build_optimizers(ours, opt_cfg, fused=False)
+    rows = []
+    for step in range(OPTIMIZER_STEPS):
+        row = packed_row(vocab, tokens + 1, seed=100 + step)
+        x, y = row[:, :-1], row[:, 1:]
+        bos = (x[0] == 1).nonzero().flatten().tolist()
+        cu, _ = peer._build_cu_seqlens(bos, x.size(1), x.device, h.train_seq_len)
+        record_opts.zero_grad_all()
+        loss_theirs = theirs(x, y, cu_seqlens=cu, max_seqlen=h.train_seq_len)
+        loss_theirs.backward()
+        frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+        for group in record_opts.optimizer_muon.param_groups:
+            group["momentum"] = (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+        for opt in record_opts:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"]
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), h.grad_clip_norm)
+        record_grads = caddie_state({n: p.grad.clone() for n, p in theirs.named_parameters() if p.grad is not None},
+                                    h.num_layers)  # clipped, before its step (which zeroes them)
+        record_opts.step()
+
+        for opt in caddie_opts:
+            opt.zero_grad(set_to_none=True)
+        span = ({"segments": document_segments(x[0].numpy(), train_cfg["seq_len"])} if attention == "segments"
+                else {"doc_isolation": True})
+        loss_ours = ours(x, y, **span)
+        loss_ours.backward()
+        caddie_opts[1].param_groups[0]["momentum"] = muon_momentum(step, opt_cfg)
+        for opt in caddie_opts:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"]
+        if shared_gradients:  # the optimizers alone: caddie steps on the record's clipped gradients
+            for n, g in record_grads.items():
+                ours.get_parameter(n).grad = g
+        else:
+            torch.nn.utils.clip_grad_norm_(ours.parameters(), opt_cfg["grad_clip_norm"])
+        for opt in caddie_opts:
+            opt.step()
+        mapped = caddie_state({n: p.detach() for n, p in theirs.named_parameters()}, h.num_layers)
+        gaps = {n: float((w - ours.get_parameter(n)).abs().max() / w.abs().max().clamp_min(1e-12))
+                for n, w in mapped.items()}
+        worst = max(gaps, key=gaps.get)
+        rows.append({"attention": attention + (", the record's gradients" if shared_gradients else ""),
+                     "step": step + 1, "loss_theirs": loss_theirs.item(), "loss_ours": loss_ours.item(),
+                     "max_rel_weight_diff": gaps[worst], "worst": worst,
+                     "gaps": dict(sorted(gaps.items(), key=lambda kv: -kv[1])[:8])})
+    return rows
+
+
 def compare(record: str, shape: str) -> dict:
-    env = {**MODEL_ENV, **RECORDS[record]["env"], **SHAPES[shape]}
+    train_cfg = preset_train(record)
+    env = {**MODEL_ENV, **RECORDS[record]["env"], **SHAPES[shape], **optimizer_env(train_cfg),
+           "TRAIN_SEQ_LEN": str(train_cfg["seq_len"])}
     os.environ.update(env)  # the record's Hyperparameters read them when its class body runs
     import torch
     import yaml
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() // 2))
     sys.path.insert(0, str(ROOT))
+    from stages.attention import document_segments
     from stages.config import deep_merge
     from stages.model import GPT, GPTConfig
 
@@ -246,19 +354,25 @@ def compare(record: str, shape: str) -> dict:
     rows = packed_row(h.vocab_size, 2 * TOKENS[shape], seed=2).reshape(2, -1)
     bos = (row[0] == 1).nonzero().flatten().tolist()
     cu_seqlens, max_seqlen = peer._build_cu_seqlens(bos, row.size(1), row.device)
+    cut_cu, cut_max = peer._build_cu_seqlens(bos, row.size(1), row.device, CUT_LEN)
+    paths = (("packed documents: varlen / caddie's segments", row, {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen},
+              {"segments": document_segments(row[0].numpy(), 2048)}),
+             ("packed documents: varlen / caddie's doc_isolation mask", row,
+              {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}, {"doc_isolation": True}),
+             (f"packed, documents cut every {CUT_LEN} tokens: varlen / segments", row,
+              {"cu_seqlens": cut_cu, "max_seqlen": cut_max}, {"segments": document_segments(row[0].numpy(), CUT_LEN)}),
+             ("plain causal rows", rows, {}, {}))
     results = []
     for looping in (False, True):
         theirs.looping_active, ours.recurrence_active = looping, looping
-        for path, idx, kwargs, isolate in (("packed documents (varlen / doc_isolation)", row,
-                                            {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}, True),
-                                           ("plain causal rows", rows, {}, False)):
+        for path, idx, kwargs, our_kwargs in paths:
             targets = torch.roll(idx, -1, dims=1)
             with torch.no_grad():
-                delta = (theirs.forward_logits(idx, **kwargs).float() - ours.forward_logits(idx, isolate)).abs()
+                delta = (theirs.forward_logits(idx, **kwargs).float() - ours.forward_logits(idx, **our_kwargs)).abs()
             theirs.zero_grad(set_to_none=True)
             ours.zero_grad(set_to_none=True)
             loss_theirs = theirs(idx, targets, **kwargs)
-            loss_ours = ours(idx, targets, isolate)
+            loss_ours = ours(idx, targets, **our_kwargs)
             loss_theirs.backward()
             loss_ours.backward()
             grads_theirs = caddie_state({n: p.grad for n, p in theirs.named_parameters() if p.grad is not None},
@@ -283,7 +397,15 @@ def compare(record: str, shape: str) -> dict:
                 flipped.load_state_dict(fitted(caddie_state(theirs.state_dict(), h.num_layers), flipped))
                 flips[f"{key}: {model_cfg[key]} -> {value}"] = float((flipped.forward_logits(row, True)
                                                                       - reference).abs().max())
-    return {"record": record, "shape": shape, "flips": flips, "params_theirs": sum(p.numel() for p in theirs.parameters()),
+    theirs.zero_grad(set_to_none=True)
+    ours.zero_grad(set_to_none=True)
+    steps = []
+    if shape == "reduced":  # from the same weights each time: caddie's two ways of isolating the documents
+        import copy
+        for attention, shared in (("segments", False), ("doc_isolation mask", False), ("segments", True)):
+            steps += optimizer_steps(peer, h, copy.deepcopy(theirs), copy.deepcopy(ours), train_cfg, h.vocab_size,
+                                     TOKENS[shape], attention, shared)
+    return {"record": record, "shape": shape, "flips": flips, "steps": steps, "params_theirs": sum(p.numel() for p in theirs.parameters()),
             "params_ours": ours.num_params(), "vocab": h.vocab_size, "model_dim": h.model_dim,
             "torch": torch.__version__, "results": results}
 
@@ -319,9 +441,9 @@ def write_report(reports: list[dict], counts: dict, argv: list[str]) -> None:
         "# Frontier parity: caddie's model vs the records' train_gpt.py (CPU, fp32)", "",
         f"Command: `{' '.join(['.venv/bin/python bench/frontier_parity.py', *argv])}`", "",
         "Each record runs in a process of its own (both register the same torch.library ops). Besides the edits "
-        "below, the script sets the record module's `BOS_ID = 1` after importing it, as the record's own data "
-        "loaders do (`if BOS_ID is None: BOS_ID = 1`) before its first forward pass. The SDPA stand-ins give "
-        "flash-attn's semantics, not its bf16 GPU numerics: this compares the two models' math, in fp32.", "",
+        "to its file listed below, the script sets at run time: " + "; ".join(RUNTIME_SETTINGS) + ". The SDPA "
+        "stand-ins give flash-attn's semantics, not its bf16 GPU numerics: this compares the two models' math, "
+        "in fp32.", "",
         f"Run {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} ({os.cpu_count()} CPUs), "
         f"torch {reports[0]['torch']}, Python {platform.python_version()}.", "",
         f"**Max |Δ logit| over every comparison: {worst:.2e}** (tolerance {TOLERANCE:.0e}: "
@@ -364,6 +486,26 @@ def write_report(reports: list[dict], counts: dict, argv: list[str]) -> None:
         cells = [next((f"{v:.2e} ({k.split(': ')[1]})" for k, v in rep["flips"].items() if k.startswith(key + ":")),
                       "–") for rep in flipped]
         lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    stepped = [rep for rep in reports if rep["steps"]]
+    if stepped:
+        lines += ["", "## Optimizer steps side by side", "",
+                  f"From the same weights, {OPTIMIZER_STEPS} training steps, each on a fresh packed row (recurrence on): "
+                  "the record's own `Optimizers` (its bank Muon with Polar Express, row normalisation and weight decay; "
+                  "AdamW for the embedding and the scalars), momentum warmup, lr and gradient clip, as its `step_fn`, "
+                  "and caddie's `build_optimizers` with the preset's `train.optimizer` (the record's hyperparameters are "
+                  "set from the same values: " + ", ".join(f"`{e}`" for e in OPTIMIZER_ENV) + "). `rel Δ weight`: "
+                  "after the step, the largest |Δ| of any weight over that weight's largest |value|.", "",
+                  "The last rows feed caddie's optimizers the record's clipped gradients (the optimizers alone): what "
+                  "is left there is the optimizers' own arithmetic. In the others each model steps on its own gradients, "
+                  "which agree to about 1e-5 (above); bf16 Newton-Schulz and Adam's first steps (g/√v ≈ ±1 for "
+                  "gradients near zero, the embedding's rare rows) turn that into the weight gap shown, the "
+                  "trajectories' float noise, not a difference of method.", "",
+                  "| record | caddie's attention, gradients | step | loss (record) | loss (caddie) | Δ loss | rel Δ weight |",
+                  "|---|---|---|---|---|---|---|"]
+        for rep in stepped:
+            for r in rep["steps"]:
+                lines.append(f"| #{rep['record']} | {r['attention']} | {r['step']} | {r['loss_theirs']:.6f} | {r['loss_ours']:.6f} | "
+                             f"{abs(r['loss_theirs'] - r['loss_ours']):.1e} | {r['max_rel_weight_diff']:.1e} |")
     untrained = sorted({n for rep in reports for r in rep["results"] for n in r["no_grad_in_training"]})
     lines += ["", "Parameters that get no gradient from the training loss in caddie (as in the record, whose "
               f"fused loss keeps the single cap): {', '.join(f'`{n}`' for n in untrained) or 'none'}.", ""]

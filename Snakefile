@@ -17,6 +17,7 @@ include: "rules/train.smk"
 include: "rules/quantize.smk"
 include: "rules/rescue.smk"
 include: "rules/evaluate.smk"
+include: "rules/export.smk"
 include: "rules/aggregate.smk"
 include: "rules/submission.smk"
 

@@ -154,8 +154,8 @@ def upstream(record: str) -> Path:
     return ROOT / "peers" / f"record-{record}" / "train_gpt.py"
 
 
-def fetch(record: str, git_dir: str | None) -> None:
-    path, info = upstream(record), RECORDS[record]
+def fetch(record: str, git_dir: str | None, info: dict | None = None) -> None:
+    path, info = upstream(record), info or RECORDS[record]
     if not path.exists() and git_dir:
         text = subprocess.run(["git", "-C", git_dir, "show", f"{info['commit']}:{info['path']}"],
                               capture_output=True, check=True).stdout

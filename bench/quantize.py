@@ -36,7 +36,7 @@ VARIANTS = {
     "gptq int6 sdclip, embed int8": {**GPTQ6, **SD, "embed_bits": 8},
     "gptq int6, embed int8": {**GPTQ6, "embed_bits": 8},
     "gptq int6, embed int8, lqer r4 top3": {**GPTQ6, "embed_bits": 8,
-                                            "lqer": {"rank": 4, "top_k": 3, "factor_bits": 4}},
+                                            "lqer": {"rank": 4, "top_k": 3, "factor_bits": 4, "asym_group": 0}},
     "gptq int6, byte containers": {**GPTQ6, "code_container": "bytes"},
     "gptq int6, byte shuffle": {**GPTQ6, "byte_shuffle": True},
     "gptq int6, zstd": {**GPTQ6, "compressor": "zstd"},

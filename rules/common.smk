@@ -5,8 +5,8 @@ import json
 import re
 import sys
 
-from stages import config as caddie
-from stages.io import write_json
+from stages import codesize, config as caddie
+from stages.io import read_json, write_json
 
 caddie.validate(config, source=", ".join(map(str, workflow.configfiles)) or "config")
 PLAN = caddie.plan(config)
@@ -136,13 +136,19 @@ def rescue_train_key(key):
     return upstream("quantize", upstream("rescue", key, "quantize"), "train")
 
 
+ARTIFACT_STAGES = {"quant": "quantize", "rescue": "rescue"}  # the stage that writes a point's artifact
+
+
 def artifact_summary(keys, point, seed):
-    """The summary that gives a point's artifact bytes (None for the prequant checkpoint)."""
-    if point == "quant":
-        return f"{quantize_dir(keys['quantize'], seed)}/summary.json"
-    if point == "rescue":
-        return f"{rescue_dir(keys['rescue'], seed)}/summary.json"
-    return None
+    """The summary of a point's artifact (None for the prequant checkpoint)."""
+    stage = ARTIFACT_STAGES.get(point)
+    return f"artifacts/{stage}/{keys[stage]}/seed{seed}/summary.json" if stage else None
+
+
+def artifact_size(keys, point, seed):
+    """The counted bytes of a point's artifact with its arm's code (None for the prequant checkpoint)."""
+    stage = ARTIFACT_STAGES.get(point)
+    return f"artifacts/size/{keys['export']}/{stage}/{keys[stage]}/seed{seed}.json" if stage else None
 
 
 def eval_path(point, key, seed, mode):
@@ -182,12 +188,13 @@ def aggregate_runs():
                                  "eval": eval_path(point, key, seed, mode),
                                  "train_summary": f"{train_dir(keys['train'], seed)}/summary.json",
                                  "train_metrics": f"{train_dir(keys['train'], seed)}/metrics.jsonl",
-                                 "quantize_summary": artifact_summary(keys, point, seed)})
+                                 "quantize_summary": artifact_summary(keys, point, seed),
+                                 "size": artifact_size(keys, point, seed)})
     return runs
 
 
 def run_files(runs):
-    return sorted({path for r in runs for k in ("eval", "train_summary", "train_metrics", "quantize_summary")
+    return sorted({path for r in runs for k in ("eval", "train_summary", "train_metrics", "quantize_summary", "size")
                    if (path := r[k])})
 
 

@@ -3,7 +3,7 @@ rule quantize:
         checkpoint=lambda wc: f"{train_dir(upstream('quantize', wc.key, 'train'), wc.seed)}/model.pt",
         checkpoint_summary=lambda wc: f"{train_dir(upstream('quantize', wc.key, 'train'), wc.seed)}/summary.json",
         manifest=lambda wc: manifest_path(upstream("train", upstream("quantize", wc.key, "train"), "tokenize")),
-        counted_code=lambda wc: PLAN["stages"]["quantize"][wc.key]["config"]["counted_code"],
+        code=lambda wc: PLAN["stages"]["quantize"][wc.key]["config"].get("code_file", []),  # a size target's room
     output:
         artifact=update("artifacts/quantize/{key}/seed{seed}/artifact.bin"),
         summary=update("artifacts/quantize/{key}/seed{seed}/summary.json"),

@@ -5,24 +5,39 @@ def submission_runs(arm):
             for r in RUNS if r["arm"] == arm]
 
 
+def arm_config(arm):
+    return json.dumps(caddie.deep_merge(config["defaults"], config["arms"][arm]), sort_keys=True)
+
+
 rule submission:
     input:
         lambda wc: run_files(submission_runs(wc.arm)),
         stats="reports/stats.json",
         manifest=lambda wc: manifest_path(ARMS[wc.arm]["tokenize"]),
-        train_logs=lambda wc: [f"{train_dir(ARMS[wc.arm]['train'], s)}/train.log" for s in config["seeds"]],
+        calibration=lambda wc: sorted({r["calibration_summary"] for r in submission_runs(wc.arm)}),
+        script=lambda wc: caddie.export_file(ARMS[wc.arm]["export"]),
+        requirements=lambda wc: f"{export_dir(ARMS[wc.arm]['export'])}/requirements.txt",
         code=code("submission"),
     output:
         json=update("submission/{arm}/submission.json"),
         readme=update("submission/{arm}/README.md"),
+        script=update("submission/{arm}/train_gpt.py"),
+        requirements=update("submission/{arm}/requirements.txt"),
         logs=[update(p) for p in expand("submission/{{arm}}/train_seed{seed}.log", seed=config["seeds"])],
     params:
         runs=lambda wc: json.dumps(submission_runs(wc.arm), sort_keys=True),
-        config=lambda wc: json.dumps(caddie.deep_merge(config["defaults"], config["arms"][wc.arm]), sort_keys=True),
+        spec=lambda wc: json.dumps(PLAN["exports"][ARMS[wc.arm]["export"]], sort_keys=True),
+        config=lambda wc: arm_config(wc.arm),
+        base_arm=config["report"]["baseline_arm"],
+        base_config=arm_config(config["report"]["baseline_arm"]),
+        defaults=json.dumps(config["defaults"], sort_keys=True),
         meta=json.dumps(config.get("submission", {}), sort_keys=True),
+        export_dir=lambda wc: export_dir(ARMS[wc.arm]["export"]),
     log:
         "logs/submission/{arm}.log",
     shell:
         "{PYTHON} -m stages.submission --arm {wildcards.arm} --runs {params.runs:q} --stats {input.stats} "
-        "--config {params.config:q} --meta {params.meta:q} --manifest {input.manifest} "
-        "--train-log {input.train_logs:q} --out-dir submission/{wildcards.arm} > {log} 2>&1"
+        "--spec {params.spec:q} --config {params.config:q} --base-arm {params.base_arm:q} "
+        "--base-config {params.base_config:q} --defaults {params.defaults:q} --meta {params.meta:q} "
+        "--manifest {input.manifest} --export-dir {params.export_dir} --out-dir submission/{wildcards.arm} "
+        "> {log} 2>&1"

@@ -4,7 +4,7 @@
 
 PLAN_JSON is a file (a command line cannot hold the runs of a large study): {"runs": [...], "report":
 {...}, "arms": {...}}. `runs` is a list of {arm, seed, point, mode, eval, train_summary, quantize_summary,
-train_metrics, budget_seconds}; `report` is the config's `report` section; `arms` is {defaults, arms} of
+size, train_metrics, budget_seconds}; `report` is the config's `report` section; `arms` is {defaults, arms} of
 the config (for what differs between arms; optional). Published logs (the challenge's train logs) join the results table as arms of
 their own, named after their record, so one report compares both.
 
@@ -34,7 +34,7 @@ MODES = ("standard", "sliding", "ttt")
 RECORD_KEYS = ("arm", "seed", "point", "mode", "eval", "train_summary")
 EVAL_KEYS = ("point", "mode", "tokens", "bytes", "raw_bytes", "loss_nats", "val_bpb", "seconds")
 TRAIN_KEYS = ("steps", "train_seconds")
-QUANT_KEYS = ("total_bytes",)
+SIZE_KEYS = ("total_bytes",)
 COLUMNS = ["arm", "source", "seed", "point", "mode", "tokens", "bytes", "raw_bytes", "loss_nats", "val_bpb",
            "seconds", "budget_seconds", "train_steps", "train_seconds", "artifact_bytes", "eval_file"]
 CURVE_COLUMNS = ["run", "source", "seed", "step", "loss", "ms"]
@@ -69,10 +69,10 @@ def run_row(i, rec) -> dict:
                          f"the runs record {rec['point']}/{rec['mode']}")
     tr = _load(rec["train_summary"], TRAIN_KEYS)
     artifact = None
-    if rec["point"] != "prequant":  # an artifact: the quantize (or rescue) summary gives its bytes
-        if not rec.get("quantize_summary"):
-            raise ValueError(f"runs[{i}]: {rec['point']} record needs 'quantize_summary'")
-        artifact = _load(rec["quantize_summary"], QUANT_KEYS)["total_bytes"]
+    if rec["point"] != "prequant":  # an artifact: its size (code + model, stages/codesize.py) gives its bytes
+        if not rec.get("size"):
+            raise ValueError(f"runs[{i}]: {rec['point']} record needs 'size' (the artifact's counted bytes)")
+        artifact = _load(rec["size"], SIZE_KEYS)["total_bytes"]
     budget = rec.get("budget_seconds") or None  # the arm's evaluate.budget_seconds, judged here
     return {"arm": str(rec["arm"]), "source": "caddie", "seed": int(rec["seed"]), "point": rec["point"],
             "mode": rec["mode"], **{k: ev[k] for k in EVAL_KEYS[2:]}, "budget_seconds": budget,
@@ -390,7 +390,7 @@ def group_bytes(tensors) -> dict:
 
 
 def artifact_budgets(runs, score_table, largest=5) -> dict:
-    """[arm]: where the bytes of the arm's scored artifact go, from its quantize (and rescue) summaries:
+    """[arm]: where the bytes of the arm's scored artifact go, from its size and quantize summary:
     compressed model bytes, code bytes, what a rescue added, headroom under the cap, stored bytes by
     tensor group and the largest tensors (both from the quantize summary, before compression)."""
     out = {}
@@ -401,10 +401,8 @@ def artifact_budgets(runs, score_table, largest=5) -> dict:
         quant = {k: r for k, r in _first_per_arm_seed(runs, "quant").items() if k[0] == arm}
         seeds = []
         for key, rec in sorted(scored.items()):
-            summary = read_json(rec["quantize_summary"])
-            qrec = quant.get(key)
-            qsum = read_json(qrec["quantize_summary"]) if qrec and qrec.get("quantize_summary") else summary
-            seeds.append((summary, qsum))
+            qrec = quant.get(key) or rec
+            seeds.append((read_json(rec["size"]), read_json(qrec["quantize_summary"])))
         if not seeds:
             continue
         summaries = [a for a, _ in seeds]

@@ -55,3 +55,20 @@ def stream_bytes(tables: ByteTables, tokens) -> int:
 
 def bits_per_byte(loss_sum_nats: float, byte_count: int) -> float:
     return float(loss_sum_nats) / (math.log(2) * float(byte_count))
+
+
+@dataclass(frozen=True)
+class SidecarBytes:
+    """Each val token's bytes of original text, from CaseOps byte sidecars (stages/caseops.py)."""
+    counts: np.ndarray  # int64, one per val token
+
+
+ByteCounter = ByteTables | SidecarBytes
+
+
+def scored_bytes(counter: ByteCounter, tokens: np.ndarray, targets: np.ndarray) -> int:
+    """Bytes of the targets at positions `targets` of `tokens` (each > 0, predicted from the token before it):
+    from the sidecar where there is one, else from the tokenizer's byte tables. Every eval mode counts here."""
+    if isinstance(counter, SidecarBytes):
+        return int(counter.counts[targets].sum())
+    return int(target_bytes(counter, tokens[targets - 1], tokens[targets]).sum())

@@ -160,8 +160,10 @@ def tokenize_section(tok: dict) -> dict:
         section["files"] = tok["files"]
     if tok["tokenizer_model"]:  # no tokenizer is trained: its sample does not matter
         del section["tokenizer_sample_docs"]
+    if not tok.get("caseops"):  # off keys as before the option existed
+        section.pop("caseops", None)
     if tok["source"] == "challenge":
-        section = {"source": "challenge", "challenge": tok["challenge"]}
+        section = {"source": "challenge", "challenge": tok["challenge"], **({"caseops": True} if tok["caseops"] else {})}
     return section
 
 
@@ -198,6 +200,8 @@ def quantize_section(quantize: dict) -> dict:
     q["storage"] = {k: v for k, v in q["storage"].items() if k in ("form", q["storage"]["form"])}
     if not q["lqer"]["rank"]:
         q["lqer"] = {"rank": 0}
+    if not q["awq"]["top_k"]:
+        q["awq"] = {"top_k": 0}
     if q["calibration"]["source"] != "generated":
         del q["calibration"]["temperature"]
     if not q["size_target"]["enabled"]:
@@ -209,14 +213,18 @@ def evaluate_section(cfg: dict, point: str, mode: str) -> dict:
     """What one (point, mode) evaluation depends on: TTT settings only for mode ttt; the budget is judged
     by the report, not here."""
     ev = cfg["evaluate"]
-    section = {k: v for k, v in ev.items() if k not in ("modes", "budget_seconds", "ttt", "stride", "ogd")}
+    section = {k: v for k, v in ev.items()
+               if k not in ("modes", "budget_seconds", "ttt", "stride", "ogd", "ngram_tilt")}
     if mode != "standard":  # standard windows do not overlap: stride = seq_len
         section["stride"] = ev["stride"]
     section["ogd"] = ev["ogd"] if ev["ogd"]["enabled"] else {"enabled": False}
+    if ev.get("ngram_tilt", {}).get("enabled"):  # absent when off: the keys of runs without it stay as they were
+        section["ngram_tilt"] = ev["ngram_tilt"]
     if mode == "ttt":
-        ttt = ev["ttt"]  # each method reads its own settings: lora its sub-tree, sgd the others
+        ttt = ev["ttt"]  # each method reads its own settings: lora its sub-tree, sgd the others, phased all
         section["ttt"] = ({"method": "lora", "lora": ttt["lora"]} if ttt["method"] == "lora"
-                          else {k: v for k, v in ttt.items() if k != "lora"})
+                          else dict(ttt) if ttt["method"] == "phased"
+                          else {k: v for k, v in ttt.items() if k not in ("lora", "phased")})
     elif ev["ogd"]["enabled"]:  # the OGD bias learns chunk by chunk in every mode
         section["ttt"] = {"chunk_tokens": ev["ttt"]["chunk_tokens"]}
     return {**section, "point": point, "mode": mode}
@@ -226,11 +234,12 @@ def plan(config: dict) -> dict:
     """Resolve every arm into stage configs and keys.
 
     Returns {"stages": {stage: {key: {"config": ..., "inputs": {stage: key}, "run": {...}}}},
-             "arms": {arm: {stage: key, "evaluate": {point: {mode: key}}, "modes": [...]}}}.
+             "arms": {arm: {stage: key, "export": key, "evaluate": {point: {mode: key}}, "modes": [...]}},
+             "exports": {key: the export spec of stages.export}}.
     "run" holds a stage's run settings (RUN_SETTINGS), taken from the first arm that uses the key.
     """
     stages = {s: {} for s in ("tokenize", "curriculum", "train", "quantize", "rescue", "evaluate")}
-    arms = {}
+    arms, exports = {}, {}
 
     def add(stage, section, inputs, run=None):
         key = content_key(stage, section, inputs, code_digest(stage))
@@ -247,10 +256,16 @@ def plan(config: dict) -> dict:
             train_inputs["curriculum"] = keys["curriculum"]
         run = {k: cfg["train"][k] for k in RUN_SETTINGS["train"]}
         keys["train"] = add("train", train_section(cfg), train_inputs, run)
-        keys["quantize"] = add("quantize", quantize_section(cfg["quantize"]), {"train": keys["train"]})
+        spec = export_spec(cfg)
+        keys["export"] = content_key("export", spec, {}, "".join(map(code_digest, EXPORT_CODE)))
+        exports.setdefault(keys["export"], spec)
+        section, quantize_inputs = quantize_section(cfg["quantize"]), {"train": keys["train"]}
+        if section["size_target"]["enabled"]:  # pruning leaves room for the shipped file: it must exist first
+            section["code_file"], quantize_inputs["export"] = export_file(keys["export"]), keys["export"]
+        keys["quantize"] = add("quantize", section, quantize_inputs)
         point_inputs = {"prequant": {"train": keys["train"]}, "quant": {"quantize": keys["quantize"]}}
         rescue = cfg["rescue"]
-        if rescue["lcq"]["enabled"] or rescue["calibrate"]["enabled"]:  # else no rescue point at all
+        if rescue_enabled(rescue):  # else no rescue point at all
             keys["rescue"] = add("rescue", rescue, {"quantize": keys["quantize"]})
             point_inputs["rescue"] = {"rescue": keys["rescue"]}
         keys["modes"] = list(cfg["evaluate"]["modes"])
@@ -258,7 +273,42 @@ def plan(config: dict) -> dict:
                                     for mode in keys["modes"]}
                             for point, inputs in point_inputs.items()}
         arms[arm] = keys
-    return {"stages": stages, "arms": arms}
+    return {"stages": stages, "arms": arms, "exports": exports}
+
+
+# The generator and the entry of the code it ships (stages.export.ENTRY): their code keys an export.
+EXPORT_CODE = ("export", "recordrun")
+EXPORT_DIR = "artifacts/export"
+MODES = ("standard", "sliding", "ttt")
+
+
+def export_file(key: str) -> str:
+    return f"{EXPORT_DIR}/{key}/train_gpt.py"
+
+
+def rescue_enabled(rescue: dict) -> bool:
+    return rescue["lcq"]["enabled"] or rescue["calibrate"]["enabled"]
+
+
+def score_chain(points: list[str], modes: list[str]) -> list[tuple[str, str]]:
+    """The decomposition chain of an arm that has every (point, mode) of its points and modes (as
+    stages.aggregate.chain_of orders them): each point at the first mode, then the other modes at the last
+    point, whose last pair is the arm's score."""
+    modes = [m for m in MODES if m in modes]
+    return [(p, modes[0]) for p in points] + [(points[-1], m) for m in modes[1:]]
+
+
+def export_spec(cfg: dict) -> dict:
+    """What an arm's exported train_gpt.py runs (stages.recordrun): the stage configurations the plan gives its
+    stages, and the evaluations of its decomposition chain, its score last. Run settings are not in it (they
+    key nothing): the export logs and checkpoints by its own defaults."""
+    rescue = cfg["rescue"] if rescue_enabled(cfg["rescue"]) else None
+    points = ["prequant", "quant", *(["rescue"] if rescue else [])]
+    curriculum = ({"buckets": cfg["curriculum"]["buckets"], "seq_len": cfg["train"]["seq_len"]}
+                  if cfg["curriculum"]["enabled"] else None)
+    return {"data": {"vocab_size": cfg["tokenize"]["vocab_size"]}, "curriculum": curriculum,
+            "train": train_section(cfg), "quantize": quantize_section(cfg["quantize"]), "rescue": rescue,
+            "evaluations": [evaluate_section(cfg, p, m) for p, m in score_chain(points, cfg["evaluate"]["modes"])]}
 
 
 def stage_sources(module: str) -> list[str]:
@@ -325,7 +375,8 @@ def challenge_files(tok: dict) -> list[str]:
     for split, paths in shards.items():
         if not paths:
             raise ConfigError(f"tokenize.challenge.dir: {src['dir']!r} holds no fineweb_{split}_*.bin shards")
-    return [str(p) for p in shards["val"] + shards["train"]] + [src["tokenizer"]]
+    sidecars = split_shards(src["dir"], "val_bytes")  # CaseOps' byte sidecars: a changed one re-runs tokenize
+    return [str(p) for p in shards["val"] + sidecars + shards["train"]] + [src["tokenizer"]]
 
 
 def resolve_inputs(config: dict, plan: dict) -> dict:
@@ -339,9 +390,6 @@ def resolve_inputs(config: dict, plan: dict) -> dict:
             files[keys["tokenize"]] = tokenize_input_files(cfg["tokenize"])
         except ConfigError as e:
             problems.setdefault(str(e), []).append(arm)
-        for path in cfg["quantize"]["counted_code"]:
-            if not Path(path).is_file():
-                problems.setdefault(f"quantize.counted_code: {path!r} is not a file", []).append(arm)
     try:
         published_logs(config["report"])
     except ConfigError as e:

@@ -3,12 +3,16 @@ or in `evaluate.nproc` under torchrun, which give the same result.
 
 Modes: `standard` scores non-overlapping windows of seq_len; `sliding` moves the window by `stride` and scores
 only the tokens not scored before, so every token after the first gets at least seq_len - stride tokens of
-context; `ttt` is score-first test-time training (stages/ttt.py), by one of two methods (`ttt.method`): `sgd`
+context; `ttt` is score-first test-time training (stages/ttt.py), by one of three methods (`ttt.method`): `sgd`
 scores like `sliding`, chunk by chunk, and trains a copy of the whole model on each chunk once it is scored;
-`lora` scores each document chunk by chunk with a fresh per-document LoRA that learns from each scored chunk.
-Every mode scores every val target exactly once, the tail included, and never uses a token before its score
-is counted. An online vocabulary bias (Stride-OGD, PR #316), updated after each scored chunk (with `lora`:
-after each round of document batches), is an option of every mode.
+`lora` scores each document chunk by chunk with a fresh per-document LoRA that learns from each scored chunk;
+`phased` is the records' (stages/phased_ttt.py): per-document LoRA at their sites, and global SGD on a scored
+prefix of documents in phases. Every mode scores every val target exactly once, the tail included, and never
+uses a token before its score is counted. An online vocabulary bias (Stride-OGD, PR #316), updated after each
+scored chunk (with `lora`: after each round of document batches), is an option of every mode but `phased`; the
+records' token n-gram tilt (stages/ngram_tilt.py, hints precomputed from the targets before each one) of every
+mode but `lora`. The result splits its seconds into deserialize, compile_warmup, precompute and scoring, and
+`seconds` (what the report holds against evaluate.budget_seconds) is their sum.
 
 The ranks share the batches of windows (of each chunk, where something learns between chunks) or of
 documents (`lora`), cut the same way for any number of processes (stages/scoring.py); what learns does so
@@ -28,9 +32,10 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from stages import bpb, pack, ttt
+from stages import bpb, caseops, pack, phased_ttt, ttt
 from stages.io import read_json, verify_recorded, verify_sha256, write_json
 from stages.model import GPT, cast_to_training_dtypes, load_checkpoint
+from stages.ngram_tilt import NgramTilt, build_tilt
 from stages.scoring import (ONE, OnlineBias, Ranks, chunk_bounds, on_device, score_chunks, scoring_windows,
                             start_ranks, window_chunks)
 from stages.shards import load_tokens, manifest_shards
@@ -53,21 +58,28 @@ def plain_chunks(windows: np.ndarray, cfg: dict, learns: bool, ranks: Ranks, dev
     return window_chunks(windows, bounds, cfg["batch_seqs"], ranks, device)
 
 
-def token_losses(model, tokens: np.ndarray, mode: str, cfg: dict, device, ranks: Ranks = ONE) -> np.ndarray:
+def token_losses(model, tokens: np.ndarray, mode: str, cfg: dict, device, ranks: Ranks = ONE,
+                 tilt: NgramTilt | None = None) -> np.ndarray:
     """Loss (nats) of every target 1..n-1 that this rank scored, NaN at the others' (one process: every
-    target's), scored chunk by chunk; after a chunk is scored, the OGD bias and (mode ttt) the model learn
-    from it, and only then is the next chunk scored."""
-    ogd = cfg["ogd"]
+    target's), scored chunk by chunk (through the n-gram `tilt`, if given: ngram_tilt.build_tilt); after a chunk
+    is scored, the OGD bias and (mode ttt) the model learn from it, and only then is the next chunk scored."""
+    ogd, method = cfg["ogd"], cfg["ttt"]["method"] if mode == "ttt" else None
     bias = OnlineBias(model.config.vocab_size, ogd["lr"], device) if ogd["enabled"] else None
-    if mode == "ttt" and cfg["ttt"]["method"] == "lora":
+    if mode == "ttt" and method == "phased":
+        return phased_ttt.phased_losses(model, tokens, cfg, device, ranks, tilt).on_host(len(tokens))
+    if mode == "ttt" and method == "lora":
+        if tilt is not None:
+            raise ValueError("evaluate.ngram_tilt: not available with ttt.method lora (its adapters train on the "
+                             "scored losses); ttt.method phased runs per-document LoRA with the tilt")
         return ttt.lora_losses(model, tokens, cfg, device, ranks, bias).on_host(len(tokens))
     windows = scoring_windows(len(tokens), cfg["seq_len"], stride_of(mode, cfg))
     stream = on_device(tokens.astype(np.int64), device)
     if mode == "ttt":
-        scores = ttt.sgd_losses(model, stream, windows, cfg, ranks, bias)
+        scores = ttt.sgd_losses(model, stream, windows, cfg, ranks, bias, tilt)
     else:
         chunks = plain_chunks(windows, cfg, bias is not None, ranks, device)
-        scores = score_chunks(model, stream, chunks, cfg["doc_isolation"], ranks, f"evaluate {mode}", bias)
+        scores = score_chunks(model, stream, chunks, cfg["doc_isolation"], ranks, f"evaluate {mode}", bias,
+                              tilt=tilt)
     return scores.on_host(len(tokens))
 
 
@@ -82,13 +94,13 @@ def check_scored_once(mine: np.ndarray, num_tokens: int, ranks: Ranks, device) -
         raise AssertionError(f"{never} targets were never scored and {shared} were scored by more than one rank")
 
 
-def score(model, tokens: np.ndarray, tables: bpb.ByteTables, cfg: dict, mode: str, device,
-          ranks: Ranks = ONE) -> dict:
+def score(model, tokens: np.ndarray, tables: bpb.ByteCounter, cfg: dict, mode: str, device,
+          ranks: Ranks = ONE, tilt: NgramTilt | None = None) -> dict:
     """Sum of target cross-entropies (nats), scored token count and byte count, over all ranks (in float64)."""
-    losses = token_losses(model, tokens, mode, cfg, device, ranks)
+    losses = token_losses(model, tokens, mode, cfg, device, ranks, tilt)
     mine = np.flatnonzero(~np.isnan(losses))
     check_scored_once(mine, len(tokens), ranks, device)
-    nbytes = bpb.target_bytes(tables, tokens[mine - 1], tokens[mine]).sum()
+    nbytes = bpb.scored_bytes(tables, tokens, mine)
     sums = torch.tensor([losses[mine].sum(), len(mine), nbytes], dtype=torch.float64, device=device)
     loss_sum, count, nbytes = ranks.sum(sums).tolist()
     return {"loss_sum": loss_sum, "tokens": int(count), "bytes": int(nbytes)}
@@ -127,38 +139,67 @@ def check_nproc(cfg: dict, ranks: Ranks) -> None:
                          f"launch it with torchrun --nproc_per_node={nproc}")
 
 
-def read_val(manifest_path: Path, ranks: Ranks) -> tuple[dict, bpb.ByteTables, np.ndarray]:
-    """The manifest, the byte tables of its tokenizer and the val tokens (the files verified by rank 0)."""
+def read_val(manifest_path: Path, ranks: Ranks) -> tuple[dict, bpb.ByteCounter, np.ndarray]:
+    """The manifest, what counts the bytes of val targets (its byte sidecars where it lists them, else the byte
+    tables of its tokenizer) and the val tokens (the files verified by rank 0)."""
     manifest = read_json(manifest_path)
     tokenizer = manifest_path.parent / manifest["tokenizer"]["file"]
     if ranks.main:
         verify_sha256(tokenizer, manifest["tokenizer"]["sha256"], manifest_path)
     tables = bpb.build_byte_tables(spm.SentencePieceProcessor(model_file=str(tokenizer)), manifest["vocab_size"])
-    tokens = load_tokens(manifest_shards(manifest_path, "val", verify=ranks.main), vocab_size=manifest["vocab_size"])
-    return manifest, tables, tokens
+    val_paths = manifest_shards(manifest_path, "val", verify=ranks.main)
+    tokens = load_tokens(val_paths, vocab_size=manifest["vocab_size"])
+    sidecar = caseops.manifest_sidecar_bytes(manifest_path, manifest, val_paths, verify=ranks.main)
+    return manifest, tables if sidecar is None else bpb.SidecarBytes(sidecar), tokens
+
+
+class Stopwatch:
+    """Seconds per part of an eval, the parts reviewers weigh against the eval budget: deserialize (the model
+    file verified, decompressed, dequantized), compile_warmup (0: caddie's eval compiles nothing), precompute (the
+    val tokens and byte tables read, the n-gram hints) and scoring. Their sum is the result's `seconds`."""
+    PARTS = ("deserialize", "compile_warmup", "precompute", "scoring")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] += now - self.last
+        self.last = now
+
+    def split(self) -> dict:
+        return {part: round(s, 3) for part, s in self.seconds.items()}
+
+    def total(self) -> float:
+        return round(sum(self.seconds.values()), 3)
 
 
 def run(cfg: dict, mode: str, model_path: Path, model_summary: Path, manifest_path: Path, out: Path) -> dict:
-    start = time.time()
+    watch = Stopwatch()
     ranks, device = start_ranks(cfg["device"])
     check_nproc(cfg, ranks)
     model_sha256 = verified_model_sha256(model_path, model_summary, cfg["point"]) if ranks.main else None
-    manifest, tables, tokens = read_val(manifest_path, ranks)
     model = load_model(model_path, cfg["point"], device)
+    watch.lap("deserialize")
+    manifest, tables, tokens = read_val(manifest_path, ranks)
+    tilt = build_tilt(tokens, cfg, device)
+    watch.lap("precompute")
     warnings = context_warnings(cfg, len(tokens))
     for warning in warnings if ranks.main else []:
         print(f"warning: {warning}", file=sys.stderr)
     try:
-        sums = score(model, tokens, tables, cfg, mode, device, ranks)
+        sums = score(model, tokens, tables, cfg, mode, device, ranks, tilt)
     except FloatingPointError as e:
         raise FloatingPointError(f"{model_path} ({mode} eval): {e}") from None
+    watch.lap("scoring")
     result = {
         "point": cfg["point"], "mode": mode, "tokens": sums["tokens"], "bytes": sums["bytes"],
         "raw_bytes": manifest.get("val_raw_bytes"), "loss_nats": sums["loss_sum"] / sums["tokens"],
         "val_bpb": bpb.bits_per_byte(sums["loss_sum"], sums["bytes"]),
         "tokens_per_byte": sums["tokens"] / sums["bytes"], "seq_len": cfg["seq_len"], "stride": stride_of(mode, cfg),
         "model": str(model_path), "model_sha256": model_sha256, "device": str(device), "nproc": ranks.world,
-        "config": cfg, "warnings": warnings, "seconds": round(time.time() - start, 3),
+        "config": cfg, "warnings": warnings, "seconds": watch.total(), "seconds_split": watch.split(),
     }
     if not math.isfinite(result["val_bpb"]):
         raise FloatingPointError(f"{model_path}: val_bpb is {result['val_bpb']}")

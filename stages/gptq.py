@@ -78,8 +78,10 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int,
-                  block_size: int = 128, damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
-    """Integer codes (int8 container, |q| <= qmax) of w (rows x cols) with fixed per-row `scale`."""
+                  block_size: int = 128, damp: float = 0.01, act_order: bool = True,
+                  high: tuple | None = None) -> torch.Tensor:
+    """Integer codes (int8 container, |q| <= qmax) of w (rows x cols) with fixed per-row `scale`. `high` =
+    (column mask, per-row scale, qmax): those columns are coded with that scale and range instead (AWQ-lite)."""
     w, h = w.float().clone(), h.float().clone()
     dead = torch.diag(h) == 0  # inputs that are always zero carry no information
     h[dead, dead] = 1.0
@@ -88,15 +90,17 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: i
     w, h = w[:, perm], h[perm][:, perm]
     hinv = inverse_hessian_cholesky(h, damp)
     s = scale.float()[:, None]
+    is_high = high[0][perm] if high is not None else torch.zeros(w.size(1), dtype=torch.bool)
     q = torch.zeros_like(w)
     for i1 in range(0, w.size(1), block_size):
         i2 = min(i1 + block_size, w.size(1))
         block, errors, hinv_block = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             column = block[:, i:i + 1]
-            codes = torch.clamp(torch.round(column / s), -qmax, qmax)
+            s_col, qmax_col = (high[1].float()[:, None], high[2]) if is_high[i1 + i] else (s, qmax)
+            codes = torch.clamp(torch.round(column / s_col), -qmax_col, qmax_col)
             q[:, i1 + i:i1 + i + 1] = codes
-            error = (column - codes * s) / hinv_block[i, i]
+            error = (column - codes * s_col) / hinv_block[i, i]
             block[:, i:] -= error @ hinv_block[i:i + 1, i:]
             errors[:, i:i + 1] = error
         w[:, i2:] -= errors @ hinv[i1:i2, i2:]

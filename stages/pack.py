@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import zstandard
 
-from stages import storage
+from stages import awq, lqer, pergroup, storage
 from stages.rowquant import dequantize_rows
 
 VERSION = 2
@@ -40,7 +40,9 @@ COMPRESSORS = {
              lambda b: zstandard.ZstdDecompressor().decompress(b)),
     "brotli": (3, lambda b: brotli.compress(b, quality=11), brotli.decompress),
     "lzma": (4, lambda b: lzma.compress(b, preset=9), lzma.decompress),
+    "pergroup": (5, pergroup.compress, pergroup.decompress),  # the records' per-group lrzip/brotli (needs lrzip)
 }
+AUTO_CANDIDATES = ("zlib", "zstd", "brotli", "lzma")  # the whole-payload compressors `auto` picks among
 _BY_TAG = {tag: (name, decompress) for name, (tag, _, decompress) in COMPRESSORS.items()}
 
 
@@ -119,7 +121,7 @@ def compress(payload: bytes, compressor: str, shuffle: bool = False) -> bytes:
 
 def compress_smallest(payload: bytes, shuffle: bool = False) -> tuple[bytes, dict]:
     """Every compressor's output size, and the smallest blob (the `auto` compressor)."""
-    blobs = {name: compress(payload, name, shuffle) for name in COMPRESSORS}
+    blobs = {name: compress(payload, name, shuffle) for name in AUTO_CANDIDATES}
     best = min(blobs, key=lambda name: len(blobs[name]))
     return blobs[best], {name: len(b) for name, b in blobs.items()}
 
@@ -150,6 +152,8 @@ def decompress(blob: bytes, source="artifact") -> bytes:
     name, decode = _BY_TAG[tag]
     try:
         payload = decode(blob[HEADER_BYTES:-DIGEST_BYTES])
+    except pergroup.PergroupError:
+        raise
     except Exception as e:  # each library raises its own error type (zlib.error, ZstdError, brotli.error, LZMAError)
         raise ArtifactError(f"{source}: the {name} stream does not decode ({e}); the file is truncated or "
                             "corrupt") from None
@@ -160,13 +164,20 @@ def decompress(blob: bytes, source="artifact") -> bytes:
     return payload
 
 
-# Integer-code fields of a "rows" entry and the entry key that holds their bit width.
-CODE_FIELDS = {"data": "bits", "lqer_a": "lqer_bits", "lqer_b": "lqer_bits"}
+# Integer-code fields of a "rows" entry and the entry keys that may hold their bit width, first found first:
+# asymmetric LQER factors have a width each, symmetric ones share lqer_bits.
+CODE_FIELDS = {"data": ("bits",), "lqer_a": ("lqer_a_bits", "lqer_bits"), "lqer_b": ("lqer_b_bits", "lqer_bits"),
+               "awq_data": ("awq_bits",)}
+
+
+def code_bits(t: dict, field: str) -> int:
+    return next(t[key] for key in CODE_FIELDS[field] if key in t)
 
 
 def code_shape(t: dict, field: str) -> tuple[int, int]:
     rows, cols = t["shape"]
-    return {"data": (rows, cols), "lqer_a": (rows, t.get("lqer_rank")), "lqer_b": (t.get("lqer_rank"), cols)}[field]
+    return {"data": (rows, cols), "lqer_a": (rows, t.get("lqer_rank")), "lqer_b": (t.get("lqer_rank"), cols),
+            "awq_data": (rows, len(t.get("awq_starts", ())) * t.get("awq_group", 0))}[field]
 
 
 def with_packed_codes(t: dict) -> dict:
@@ -174,9 +185,9 @@ def with_packed_codes(t: dict) -> dict:
     if t["kind"] != "rows" or t["container"] == "packed":
         return t
     packed = dict(t, container="packed")
-    for field, bits in CODE_FIELDS.items():
+    for field in CODE_FIELDS:
         if field in t:
-            packed[field] = pack_codes(t[field], t[bits])
+            packed[field] = pack_codes(t[field], code_bits(t, field))
     return packed
 
 
@@ -184,7 +195,7 @@ def codes(t: dict, field: str) -> torch.Tensor:
     shape = code_shape(t, field)
     values = t[field]
     if t.get("container") == "packed":
-        values = unpack_codes(values, t[CODE_FIELDS[field]], shape[0] * shape[1])
+        values = unpack_codes(values, code_bits(t, field), shape[0] * shape[1])
     return torch.from_numpy(np.array(values, dtype=np.int8).reshape(shape))
 
 
@@ -196,9 +207,11 @@ def reconstruct(t: dict) -> torch.Tensor:
     """The fp32 tensor a stored entry stands for."""
     if t["kind"] == "rows":
         w = dequantize_rows(codes(t, "data"), torch.from_numpy(t["scale"].copy()))
+        if "awq_data" in t:  # AWQ-lite's column groups, stored at their own width and scale
+            w[:, awq.protected_columns(t["awq_starts"], t["awq_group"])] = \
+                dequantize_rows(codes(t, "awq_data"), torch.from_numpy(t["awq_scale"].copy()))
         if "lqer_a" in t:  # LQER's low-rank correction of the quantization error
-            a = dequantize_rows(codes(t, "lqer_a"), torch.from_numpy(t["lqer_a_scale"].copy()))
-            w = w + a @ dequantize_rows(codes(t, "lqer_b"), torch.from_numpy(t["lqer_b_scale"].copy()))
+            w = w + lqer.correction(codes(t, "lqer_a"), codes(t, "lqer_b"), t)
     elif t["kind"] == "float":
         w = torch.from_numpy(t["data"].copy()).float()
     elif t["kind"] in storage.DECODERS:

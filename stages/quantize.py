@@ -1,4 +1,4 @@
-"""quantize: checkpoint -> artifact.bin, with the byte count that the challenge's cap applies to.
+"""quantize: checkpoint -> artifact.bin, the compressed model whose bytes the challenge's cap counts.
 
 Large 2-D matrices are quantized per row, by round-to-nearest or GPTQ, at the bits of their group
 (the embedding, which is also the tied head, may get more bits than the block matrices); small
@@ -7,12 +7,13 @@ optionally refined by a search that minimises the Hessian-weighted error. Calibr
 tokens (random windows read from the memory-mapped shards: the train split is never loaded whole) or text
 the model generates itself, never val. GPTQ's Hessians (one XᵀX per distinct layer input) and the mixed_rows
 sensitivities are collected on quantize.device; the quantization itself runs on the CPU. Counted bytes =
-counted code + the compressed artifact; over the cap, or if the quantized model is no better than uniform
-on a calibration batch, the stage fails and writes nothing. So does a checkpoint that is not the one its
+counted code + the compressed artifact, summed downstream where the arm's exported train_gpt.py exists
+(stages/codesize.artifact_size); a size target prunes to leave room for that code. If the model alone is
+over the cap, or if the quantized model is no better than uniform on a calibration batch, the stage fails
+and writes nothing. So does a checkpoint that is not the one its
 train summary records (model_sha256), or whose weights are NaN/inf or beyond what the fp16 row scales can
 hold."""
 import argparse
-import base64
 import hashlib
 import json
 import math
@@ -21,12 +22,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import brotli
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages import gptq, pack, rowquant, storage
+from stages import awq, codesize, gptq, lqer, pack, rowquant, storage
 from stages.io import verify_recorded, write_bytes, write_json
 from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite
 from stages.devices import pick_device
@@ -80,7 +80,24 @@ def stored_form(name: str, w: torch.Tensor, cfg: dict, sensitivity) -> tuple[dic
                                      lambda rows, b: row_scale(name, rows, rowquant.qmax_of(b), cfg, None))
 
 
-def quantize_matrix(name: str, w: torch.Tensor, cfg: dict, hessian, sensitivity=None) -> tuple[dict, torch.Tensor]:
+def awq_high(name: str, w: torch.Tensor, cfg: dict, hessian, starts) -> tuple | None:
+    """AWQ-lite's (column mask, row scale, qmax) for the protected column groups at `starts` (None: none)."""
+    if not starts:
+        return None
+    qmax = rowquant.qmax_of(cfg["awq"]["bits"])
+    return awq.column_mask(starts, cfg["awq"]["group_size"], w.shape[1]), row_scale(name, w, qmax, cfg, hessian), qmax
+
+
+def split_awq_codes(stored: dict, q: torch.Tensor, high: tuple, starts, cfg: dict) -> None:
+    """The protected columns' codes into their own field, at their own width; zeros in their place in `data`."""
+    columns = awq.protected_columns(starts, cfg["awq"]["group_size"])
+    stored.update(awq_bits=cfg["awq"]["bits"], awq_group=cfg["awq"]["group_size"], awq_starts=list(starts),
+                  awq_scale=high[1].numpy(), awq_data=q[:, columns].numpy())
+    stored["data"][:, columns.numpy()] = 0
+
+
+def quantize_matrix(name: str, w: torch.Tensor, cfg: dict, hessian, sensitivity=None,
+                    awq_starts=None) -> tuple[dict, torch.Tensor]:
     special = stored_form(name, w, cfg, sensitivity)
     if special is not None:
         entry, w_hat = special
@@ -88,23 +105,44 @@ def quantize_matrix(name: str, w: torch.Tensor, cfg: dict, hessian, sensitivity=
     bits = group_bits(name, cfg)
     qmax = rowquant.qmax_of(bits)
     scale = row_scale(name, w, qmax, cfg, hessian)
+    high = awq_high(name, w, cfg, hessian, awq_starts)
     method = cfg["method"] if hessian is not None else "rtn"  # an untied embedding has no input Hessian
     if method == "gptq":
         g = cfg["gptq"]
-        q = gptq.gptq_quantize(w, hessian, scale, qmax, g["block_size"], g["damp"], g["act_order"])
+        q = gptq.gptq_quantize(w, hessian, scale, qmax, g["block_size"], g["damp"], g["act_order"], high)
     else:
         q = rowquant.round_to_nearest(w, scale, qmax)
+        if high is not None:
+            q[:, high[0]] = rowquant.round_to_nearest(w[:, high[0]], high[1], high[2])
     stored = {"name": name, "kind": "rows", "shape": list(w.shape), "bits": bits, "method": method,
+              "scale": scale.numpy(), "data": q.numpy().copy(), "container": "bytes"}
+    if high is not None:
+        split_awq_codes(stored, q, high, awq_starts, cfg)
+    return stored, pack.reconstruct(stored)
+
+
+def is_gate(name: str, w: torch.Tensor) -> bool:
+    """The attention output gate's weights, in the size range the records route to int8 rows."""
+    return name.endswith(".attn.head_gate.weight") and w.ndim == 2 and 32 <= w.numel() <= 8192
+
+
+def gate_rows(name: str, w: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The records' int8 gate rows (GATED_ATTN_QUANT_GATE): codes in [-127, 127], scale = |row|max / 127."""
+    scale = rowquant.percentile_scale(w, 100.0, 127)
+    q = rowquant.round_to_nearest(w, scale, 127)
+    stored = {"name": name, "kind": "rows", "shape": list(w.shape), "bits": 8, "method": "gate_int8",
               "scale": scale.numpy(), "data": q.numpy(), "container": "bytes"}
     return stored, rowquant.dequantize_rows(q, scale)
 
 
-def quantize_tensor(name: str, w: torch.Tensor, cfg: dict, hessian=None, sensitivity=None):
+def quantize_tensor(name: str, w: torch.Tensor, cfg: dict, hessian=None, sensitivity=None, awq_starts=None):
     """One tensor's stored form and its reconstruction."""
     w = w.detach().float().cpu()
+    if cfg["gate_int8"] and is_gate(name, w):
+        return gate_rows(name, w)
     if is_quantized(w, cfg):
-        return quantize_matrix(name, w, cfg, hessian, sensitivity)
-    kept = w.to(torch.float32 if is_control_tensor(name) else torch.float16)
+        return quantize_matrix(name, w, cfg, hessian, sensitivity, awq_starts)
+    kept = w.to(torch.float32 if is_control_tensor(name) and not cfg["control_fp16"] else torch.float16)
     return {"name": name, "kind": "float", "shape": list(w.shape), "data": kept.numpy()}, kept.float()
 
 
@@ -231,45 +269,24 @@ def batch_loss(model: GPT, batch: torch.Tensor) -> float:
     return float(model(batch[:, :-1], batch[:, 1:]))
 
 
-def counted_code(paths, accounting: str) -> dict:
-    """Bytes of the counted code: raw files, or one minified script wrapped in a brotli+base85
-    self-extractor, as the top records count it."""
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"quantize.counted_code: {missing[0]} is not a file")
-    raw = {str(p): Path(p).stat().st_size for p in paths}
-    if accounting == "raw":
-        return {"files": raw, "raw_bytes": sum(raw.values()), "bytes": sum(raw.values())}
-    import python_minifier
-    source = "\n".join(python_minifier.minify(Path(p).read_text(), remove_literal_statements=True,
-                                              rename_locals=False, hoist_literals=False, remove_asserts=True)
-                       for p in paths)
-    blob = base64.b85encode(brotli.compress(source.encode(), quality=11)).decode()
-    wrapper = f'import brotli as B,base64 as b\nexec(B.decompress(b.b85decode("{blob}")))'
-    return {"files": raw, "raw_bytes": sum(raw.values()), "minified_bytes": len(source.encode()),
-            "bytes": len(wrapper.encode())}
-
-
-def add_lqer(entries: list[dict], weights: dict, lqer: dict) -> list[str]:
-    """LQER: a rank-r correction A·B of the quantization error E = W − Ŵ of the top-k tensors by ‖E‖,
-    with A and B quantized per row at factor_bits. Returns the corrected tensors' names."""
-    rows = [e for e in entries if e["kind"] == "rows"]
+def add_lqer(entries: list[dict], weights: dict, cfg: dict) -> list[str]:
+    """LQER (stages/lqer.py): a rank-r correction A·B of the quantization error E = W − Ŵ of the top-k
+    quantized matrices by ‖E‖ (not the int8 gate rows). Returns the corrected tensors' names."""
+    rows = [e for e in entries if e["kind"] == "rows" and e["method"] != "gate_int8"]
     errors = {e["name"]: weights[e["name"]].float() - pack.reconstruct(e) for e in rows}
-    top = sorted(rows, key=lambda e: -float(errors[e["name"]].norm()))[:lqer["top_k"]]
-    qmax = rowquant.qmax_of(lqer["factor_bits"])
+    top = sorted(rows, key=lambda e: -float(errors[e["name"]].norm()))[:cfg["top_k"]]
     for entry in top:
-        u, s, vh = torch.linalg.svd(errors[entry["name"]], full_matrices=False)
-        r = min(lqer["rank"], len(s))
-        for field, factor in (("lqer_a", u[:, :r] * s[:r]), ("lqer_b", vh[:r])):
-            scale = rowquant.percentile_scale(factor, 100.0, qmax)
-            entry[field] = rowquant.round_to_nearest(factor, scale, qmax).numpy()
-            entry[f"{field}_scale"] = scale.numpy()
-        entry.update(lqer_rank=r, lqer_bits=lqer["factor_bits"])
+        entry.update(lqer.correction_fields(errors[entry["name"]], cfg["rank"], cfg["factor_bits"],
+                                            cfg["asym_group"]))
     return [e["name"] for e in top]
 
 
 def serialize(entries: list[dict], model_config: dict, cfg: dict) -> tuple[bytes, dict]:
     """Pack codes at their width when asked, then compress: the artifact's bytes."""
+    if cfg["compressor"] == "pergroup" and (cfg["code_container"] != "bytes" or cfg["byte_shuffle"]):
+        raise ValueError("quantize.compressor: pergroup groups the one-byte codes of the payload itself: it needs "
+                         f"quantize.code_container: bytes (got {cfg['code_container']}) and quantize.byte_shuffle: "
+                         f"false (got {cfg['byte_shuffle']})")
     packed = [pack.with_packed_codes(e) if cfg["code_container"] == "packed" else e for e in entries]
     payload = pack.pack_tensors(packed, model_config, {"method": cfg["method"], "bits": cfg["bits"]})
     if cfg["compressor"] == "auto":
@@ -338,6 +355,18 @@ def check_quantized_model(state, model_config, batch, cfg, reports, checkpoint) 
     return {"calibration_loss": loss, "uniform_loss": uniform}
 
 
+def pruning_code(cfg: dict) -> dict | None:
+    """The counted code that pruning to a size target leaves room for (quantize.code_file, the arm's export,
+    which the plan gives quantize only then); without a target the code is counted downstream (the artifact's
+    size, stages/codesize.py), so that a change to the shipped file does not re-quantize."""
+    if not cfg["size_target"]["enabled"]:
+        return None
+    if not Path(cfg["code_file"]).is_file():
+        raise FileNotFoundError(f"quantize.code_file: {cfg['code_file']} is not a file (the arm's exported "
+                                "train_gpt.py, which quantize.size_target leaves room for)")
+    return codesize.measure(cfg["code_file"], cfg["code_accounting"])
+
+
 def size_target(cfg: dict, code_bytes: int) -> int | None:
     """The total bytes quantize.size_target prunes to (None when it is off); it must leave room for a model."""
     if not cfg["size_target"]["enabled"]:
@@ -357,6 +386,17 @@ def check_hessians(hessians: dict, source) -> None:
                                     "on its calibration data")
 
 
+def awq_groups(weights: dict, hessians: dict, cfg: dict) -> dict:
+    """{name: column starts} of AWQ-lite's protected groups over the dense block matrices below awq.bits
+    (none when awq.top_k is 0)."""
+    a = cfg["awq"]
+    if not a["top_k"] or cfg["storage"]["form"] != "dense":
+        return {}
+    candidates = {name: (w.detach().float().cpu(), torch.diag(hessians[name])) for name, w in weights.items()
+                  if name in hessians and is_quantized(w, cfg) and group_bits(name, cfg) < a["bits"]}
+    return awq.select_groups(candidates, a["group_size"], a["top_k"])
+
+
 def build_artifact(model: GPT, cfg: dict, batches: list[torch.Tensor], code_bytes: int,
                    source="model") -> tuple[bytes, dict]:
     """Quantize a model into artifact bytes; the report is measured on what the artifact decodes to. The
@@ -372,12 +412,13 @@ def build_artifact(model: GPT, cfg: dict, batches: list[torch.Tensor], code_byte
         hessian_seconds = time.time() - t0
         sensitivity = row_sensitivities(model, batches, device) if cfg["storage"]["form"] == "mixed_rows" else {}
     weights, model_config = model.state_dict(), model.config.to_dict()
+    protected = awq_groups(weights, hessians, cfg)
     entries = []
     for name, w in weights.items():
-        entry, w_hat = quantize_tensor(name, w, cfg, hessians.get(name), sensitivity.get(name))
+        entry, w_hat = quantize_tensor(name, w, cfg, hessians.get(name), sensitivity.get(name), protected.get(name))
         check_storable(name, w, entry, w_hat, source)
         entries.append(entry)
-    lqer = add_lqer(entries, weights, cfg["lqer"]) if cfg["lqer"]["rank"] else []
+    lqer_names = add_lqer(entries, weights, cfg["lqer"]) if cfg["lqer"]["rank"] else []
     quantize_seconds = time.time() - t0 - hessian_seconds
     blob, sizes = serialize(entries, model_config, cfg)
     pruning = None
@@ -392,7 +433,7 @@ def build_artifact(model: GPT, cfg: dict, batches: list[torch.Tensor], code_byte
     reports = [tensor_report(n, w, e, state[n], cfg) for (n, w), e in zip(weights.items(), entries)]
     return blob, {
         "state": state, "tensors": reports, "compressed_sizes": sizes, "model_bytes": len(blob),
-        "lqer_tensors": lqer, "size_target": pruning, "max_rel_error": worst_tensor(reports)["rel_error"],
+        "lqer_tensors": lqer_names, "awq_groups": protected, "size_target": pruning, "max_rel_error": worst_tensor(reports)["rel_error"],
         "bits_per_weight": 8 * len(blob) / sum(r["numel"] for r in reports),
         "quantized_params": sum(r["numel"] for r in reports if r["kind"] != "float"),
         "largest_tensors": sorted(reports, key=lambda r: -r["stored_bytes"])[:10],
@@ -415,21 +456,18 @@ def run(cfg: dict, checkpoint: Path, checkpoint_summary: Path, manifest: Path, s
         raise QuantizationError(f"{checkpoint}: the checkpoint itself scores {prequant_loss:.3f} nats on its "
                                 f"calibration batch, not 0.1 below ln(vocab) = {uniform:.3f}: it was broken before "
                                 "quantization")
-    code = counted_code(cfg["counted_code"], cfg["code_accounting"])
-    blob, info = build_artifact(model, cfg, batches, code["bytes"], source=checkpoint)
+    code = pruning_code(cfg)
+    blob, info = build_artifact(model, cfg, batches, code["bytes"] if code else 0, source=checkpoint)
     state = info.pop("state")
     guard = check_quantized_model(state, model.config.to_dict(), batches[0], cfg, info["tensors"], checkpoint)
     guard["prequant_calibration_loss"] = prequant_loss
-    total = len(blob) + code["bytes"]
     summary = {"config": cfg, "checkpoint": str(checkpoint), "artifact_sha256": hashlib.sha256(blob).hexdigest(),
-               "bits": cfg["bits"], "compressor": cfg["compressor"],
-               "code_bytes": code["bytes"], "code": code, "total_bytes": total, "cap_bytes": cfg["cap_bytes"],
-               "headroom_bytes": cfg["cap_bytes"] - total, **guard, **info,
+               "bits": cfg["bits"], "compressor": cfg["compressor"], "cap_bytes": cfg["cap_bytes"],
+               **({"pruned_for_code": code} if code else {}), **guard, **info,
                "seconds": round(time.time() - start, 3)}
-    if total > cfg["cap_bytes"]:
-        raise QuantizationError(f"{checkpoint}: artifact is {total:,} bytes (model {len(blob):,} + code "
-                                f"{code['bytes']:,}), over quantize.cap_bytes = {cfg['cap_bytes']:,} "
-                                f"by {total - cfg['cap_bytes']:,}")
+    if len(blob) > cfg["cap_bytes"]:
+        raise QuantizationError(f"{checkpoint}: the compressed model alone is {len(blob):,} bytes, over "
+                                f"quantize.cap_bytes = {cfg['cap_bytes']:,} by {len(blob) - cfg['cap_bytes']:,}")
     write_bytes(out, blob)
     write_json(summary_path, summary)
     return summary
@@ -448,8 +486,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     s = run(json.loads(args.config), args.checkpoint, args.checkpoint_summary, args.manifest, args.seed, args.out,
             args.summary)
-    print(json.dumps({k: s[k] for k in ("model_bytes", "code_bytes", "total_bytes", "headroom_bytes",
-                                        "max_rel_error", "calibration_loss", "seconds")}))
+    print(json.dumps({k: s[k] for k in ("model_bytes", "max_rel_error", "calibration_loss", "seconds")}))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ step lines without the `step:` prefix and with the train time in minutes
 Labelled evals map onto caddie's (point, mode) by keywords in the label:
     pre-quantization / prequant / post-ema (the EMA model before export)   -> point prequant
     quant / roundtrip / int<N> / ttt (TTT adapts the dequantized artifact)  -> point quant
+    rescued (caddie's exports: the rescued artifact)                         -> point rescue
     ttt -> mode ttt;  sliding -> mode sliding;  otherwise mode standard
 so `[diagnostic] pre-quantization post-ema` -> prequant/standard, `final_int8_zlib_roundtrip` and
 `[diagnostic] quantized` -> quant/standard, `quantized_sliding_window` -> quant/sliding,
@@ -29,8 +30,8 @@ is ignored. A `<label>_exact` line repeats the eval of `<label>` at 8 decimals: 
 eval's numbers and keeps its eval time. When no labelled prequant eval is logged (the baseline),
 the last step-line val eval (the final model before export) is the prequant/standard eval.
 
-The record's score (`final`) is its last quant eval of the best mode it reports: ttt if present,
-else sliding, else standard (the baseline's int8+zlib roundtrip).
+The record's score (`final`) is its last eval of the last artifact point (rescue if logged, else quant) in
+the best mode it reports: ttt if present, else sliding, else standard (the baseline's int8+zlib roundtrip).
 """
 import json
 import re
@@ -49,6 +50,7 @@ EVAL_TIME = re.compile(r"\beval_time:\s*" + NUM + r"ms")
 SEED_IN_NAME = re.compile(r"_seed(\d+)")
 
 PREQUANT_HINT = re.compile(r"pre[-_ ]?quant|post[-_ ]?ema")
+RESCUE_HINT = re.compile(r"^rescued")
 QUANT_HINT = re.compile(r"quant|roundtrip|int\d|ttt")
 TIME_UNIT_MS = {"ms": 1.0, "s": 1000.0, "m": 60000.0}
 MODE_RANK = {"standard": 0, "sliding": 1, "ttt": 2}
@@ -68,6 +70,8 @@ def eval_point_mode(label: str):
     label = label.lower()
     if PREQUANT_HINT.search(label):
         point = "prequant"
+    elif RESCUE_HINT.search(label):
+        point = "rescue"
     elif QUANT_HINT.search(label):
         point = "quant"
     else:
@@ -106,7 +110,7 @@ def add_eval(evals: list, ev: dict) -> None:
 
 
 def final_eval(evals: list, path) -> dict:
-    quant = [e for e in evals if e["point"] == "quant"]
+    quant = [e for e in evals if e["point"] == "rescue"] or [e for e in evals if e["point"] == "quant"]
     if not quant:
         raise ValueError(f"{path}: no final (quantized) val_bpb in the log")
     best = max(MODE_RANK[e["mode"]] for e in quant)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from stages import pack, quantize, rowquant
+from stages import lqer, pack, quantize, rowquant
 from stages.io import verify_recorded, write_bytes, write_json
 from stages.model import GPT, GPTConfig, is_control_tensor, load_checkpoint, non_finite
 from stages.devices import pick_device
@@ -115,9 +115,7 @@ class LowRankDelta(nn.Module):
 def existing_correction(entry: dict) -> torch.Tensor:
     if "lqer_a" not in entry:
         return torch.zeros(entry["shape"])
-    a, b = (rowquant.dequantize_rows(pack.codes(entry, f), torch.from_numpy(entry[f"{f}_scale"]))
-            for f in ("lqer_a", "lqer_b"))
-    return a @ b
+    return lqer.correction(pack.codes(entry, "lqer_a"), pack.codes(entry, "lqer_b"), entry)
 
 
 def store_correction(entry: dict, correction: torch.Tensor, rank: int, bits: int) -> None:
@@ -129,6 +127,8 @@ def store_correction(entry: dict, correction: torch.Tensor, rank: int, bits: int
         scale = rowquant.percentile_scale(factor, 100.0, qmax)
         entry[field] = rowquant.round_to_nearest(factor, scale, qmax).numpy()
         entry[f"{field}_scale"] = scale.numpy()
+    for key in ("lqer_form", "lqer_group", "lqer_a_bits", "lqer_b_bits"):  # an asymmetric LQER's, now replaced
+        entry.pop(key, None)
     entry.update(lqer_rank=rank, lqer_bits=bits)
 
 
@@ -219,21 +219,19 @@ def run(cfg: dict, artifact: Path, quantize_summary: Path, teacher_path: Path, t
     reports = [{"name": n, "rel_error": quantize.relative_error(w, state[n])} for n, w in teacher_weights.items()]
     guard = quantize.check_quantized_model(state, model_config, holdout[0], qcfg, reports, f"rescue ({out})")
     after = holdout_metrics(decoded_model(decoded, model_config, device), teacher, holdout, device)
-    total = len(blob) + qsum["code_bytes"]
     summary = {"config": cfg, "artifact": str(artifact), "artifact_sha256": hashlib.sha256(blob).hexdigest(),
                "teacher": str(teacher_path), "seed": seed, "device": str(device),
                "trained": trained, "holdout_tokens": sum(b[:, 1:].numel() for b in holdout),
                "kl_before": before["kl"], "kl_after": after["kl"], "loss_before": before["loss"],
                "loss_after": after["loss"], "teacher_loss": holdout_metrics(teacher, teacher, holdout, device)["loss"],
                "model_bytes_before": len(blob_before), "model_bytes": len(blob),
-               "lora_bytes": len(blob) - len(blob_before), "compressed_sizes": sizes,
-               "code_bytes": qsum["code_bytes"], "total_bytes": total, "cap_bytes": qsum["cap_bytes"],
-               "headroom_bytes": qsum["cap_bytes"] - total, **guard,
-               "max_rel_error": quantize.worst_tensor(reports)["rel_error"], "seconds": round(time.time() - start, 3)}
-    if total > qsum["cap_bytes"]:
+               "lora_bytes": len(blob) - len(blob_before), "compressed_sizes": sizes, "cap_bytes": qsum["cap_bytes"],
+               **guard, "max_rel_error": quantize.worst_tensor(reports)["rel_error"],
+               "seconds": round(time.time() - start, 3)}
+    if len(blob) > qsum["cap_bytes"]:
         raise quantize.QuantizationError(
-            f"rescue: artifact is {total:,} bytes (model {len(blob):,} + code {qsum['code_bytes']:,}), over "
-            f"quantize.cap_bytes = {qsum['cap_bytes']:,} by {total - qsum['cap_bytes']:,}; the rescue added "
+            f"rescue: the rescued model alone is {len(blob):,} bytes, over quantize.cap_bytes = "
+            f"{qsum['cap_bytes']:,} by {len(blob) - qsum['cap_bytes']:,}; the rescue added "
             f"{len(blob) - len(blob_before):,} bytes")
     write_bytes(out, blob)
     write_json(summary_path, summary)
@@ -257,7 +255,7 @@ def main(argv=None):
     s = run(json.loads(args.config), args.artifact, args.quantize_summary, args.teacher, args.teacher_summary,
             args.manifest, args.seed, args.out, args.summary)
     print(json.dumps({k: s[k] for k in ("kl_before", "kl_after", "loss_before", "loss_after", "model_bytes",
-                                        "lora_bytes", "total_bytes", "headroom_bytes", "seconds")}))
+                                        "lora_bytes", "seconds")}))
 
 
 if __name__ == "__main__":

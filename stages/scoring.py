@@ -140,17 +140,26 @@ def scored_cells(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, (first - start - 1)[rows] + since_first
 
 
-def window_losses(model, stream: torch.Tensor, batch: Batch, doc_isolation=False, logit_bias=None):
-    """Stream positions of the scored targets of a batch, window by window, and their losses (nats,
-    differentiable). `logit_bias(logits, targets)`, if given, returns the logits to score (an OnlineBias)."""
+def window_logits(model, stream: torch.Tensor, batch: Batch, doc_isolation=False):
+    """Stream positions of the scored targets of a batch, window by window, their logits (float32,
+    differentiable) and the targets."""
     rows, columns = scored_cells(batch)
     positions = batch.windows[rows, 0] + 1 + columns
     device = stream.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model.forward_logits(window_inputs(stream, batch), doc_isolation=doc_isolation)
-    logits, targets = logits[rows, columns].float(), stream[positions]
+    return positions, logits[rows, columns].float(), stream[positions]
+
+
+def window_losses(model, stream: torch.Tensor, batch: Batch, doc_isolation=False, logit_bias=None, tilt=None):
+    """Stream positions of the scored targets of a batch, window by window, and their losses (nats,
+    differentiable). `logit_bias(logits, targets)`, if given, returns the logits to score (an OnlineBias), and
+    `tilt(logits, positions)` (an ngram_tilt.NgramTilt) tilts them after it."""
+    positions, logits, targets = window_logits(model, stream, batch, doc_isolation)
     if logit_bias is not None:
         logits = logit_bias(logits, targets)
+    if tilt is not None:
+        logits = tilt(logits, positions)
     return positions, F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -255,14 +264,14 @@ def window_chunks(windows: np.ndarray, bounds: np.ndarray, batch_seqs: int, rank
 
 
 def score_chunks(model, stream, chunks: list[Chunk], doc_isolation: bool, ranks: Ranks, label: str,
-                 bias: OnlineBias | None = None, learn=None) -> Scores:
-    """Score the chunks in order. After a chunk is scored (by every rank), the OGD bias and `learn(k, chunk)`
-    (TTT) learn from it, and only then is the next chunk scored."""
+                 bias: OnlineBias | None = None, learn=None, tilt=None) -> Scores:
+    """Score the chunks in order (through the n-gram `tilt`, if given). After a chunk is scored (by every rank),
+    the OGD bias and `learn(k, chunk)` (TTT) learn from it, and only then is the next chunk scored."""
     scores, progress = Scores(), Progress(label, len(chunks), ranks)
     for k, chunk in enumerate(chunks):
         with torch.no_grad():
             for batch in chunk.batches:
-                scores.add(*window_losses(model, stream, batch, doc_isolation, bias))
+                scores.add(*window_losses(model, stream, batch, doc_isolation, bias, tilt))
         if bias is not None:
             bias.step(chunk.scored, ranks)
         if learn is not None:

@@ -23,6 +23,7 @@ replace the previous run's only when every shard and check has succeeded, so a f
 last good outputs as they were.
 """
 import argparse
+import functools
 import hashlib
 import heapq
 import io
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from stages import corpus
+from stages import caseops, corpus
 from stages.io import sha256_file, write_bytes, write_json
 from stages.shards import ShardError, check_splits_apart, read_shard, shard_name, split_shards, write_shard
 
@@ -169,16 +170,21 @@ class TokenizerSample:
 TOKENIZER_THREADS = 4
 
 
-def train_tokenizer(train_docs, vocab_size: int, out_model: Path) -> None:
-    """Train SentencePiece BPE with the challenge's settings on `train_docs` (a sized iterable of train
-    documents only), all of which, and no more, SentencePiece loads (its input_sentence_size)."""
+def sp_settings(cfg: dict) -> dict:
+    """The challenge's settings; with CaseOps, the records': its operators as user-defined symbols 4..7."""
+    return {**SP_SETTINGS, "user_defined_symbols": list(caseops.OPERATORS)} if cfg.get("caseops") else SP_SETTINGS
+
+
+def train_tokenizer(train_docs, vocab_size: int, out_model: Path, settings: dict = SP_SETTINGS) -> None:
+    """Train SentencePiece BPE with `settings` on `train_docs` (a sized iterable of train documents only), all
+    of which, and no more, SentencePiece loads (its input_sentence_size)."""
     model = io.BytesIO()
     # SentencePiece refuses 1..100 here; 0 (all) is the same for it is given exactly these documents.
     limit = len(train_docs) if len(train_docs) > 100 else 0
     spm.SentencePieceTrainer.train(sentence_iterator=iter(train_docs), model_writer=model,
                                    input_sentence_size=limit, vocab_size=vocab_size,
                                    max_sentence_length=1 << 16, num_threads=TOKENIZER_THREADS,
-                                   minloglevel=2, **SP_SETTINGS)
+                                   minloglevel=2, **settings)
     write_bytes(out_model, model.getvalue())
 
 
@@ -188,16 +194,18 @@ def train_tokenizer(train_docs, vocab_size: int, out_model: Path) -> None:
 class Encoded:
     """A batch of documents encoded: their ids in one array, each document led by BOS; each document's
     length (BOS included); and a 16-byte digest of each document's ids, which stands for them when
-    documents are compared token for token."""
+    documents are compared token for token; with CaseOps val, each id's original bytes (BOS: 0)."""
     tokens: np.ndarray
     lengths: np.ndarray
     digests: list
+    byte_counts: np.ndarray | None = None
 
     def select(self, keep: np.ndarray) -> "Encoded":
         if keep.all():
             return self
-        return Encoded(self.tokens[np.repeat(keep, self.lengths)], self.lengths[keep],
-                       [d for d, k in zip(self.digests, keep) if k])
+        tokens = np.repeat(keep, self.lengths)
+        return Encoded(self.tokens[tokens], self.lengths[keep], [d for d, k in zip(self.digests, keep) if k],
+                       None if self.byte_counts is None else self.byte_counts[tokens])
 
     def document_ids(self) -> list[list[int]]:
         """Each document's ids, without its BOS."""
@@ -205,14 +213,18 @@ class Encoded:
         return [self.tokens[end - length + 1:end].tolist() for end, length in zip(ends, self.lengths)]
 
 
-def encode_batch(sp, docs: list[str]) -> Encoded:
-    """The documents encoded by `sp`, in one array (ids fit uint16: the schema caps vocab_size at 65536)."""
-    ids = sp.encode(docs)
+def encode_batch(sp, docs: list[str], with_bytes: bool = False) -> Encoded:
+    """The documents encoded by `sp`, in one array (ids fit uint16: the schema caps vocab_size at 65536);
+    `with_bytes`: and each id's original bytes (CaseOps documents)."""
+    ids, counts = caseops.encode_with_bytes(sp, docs) if with_bytes else (sp.encode(docs), None)
     lengths = np.array([len(doc) for doc in ids], dtype=np.int64)
     body = np.fromiter(itertools.chain.from_iterable(ids), dtype="<u2", count=int(lengths.sum()))
     starts = np.cumsum(lengths) - lengths
     digests = [hashlib.blake2b(body[a:a + n].tobytes(), digest_size=16).digest() for a, n in zip(starts, lengths)]
-    return Encoded(np.insert(body, starts, BOS_ID), lengths + 1, digests)
+    if counts is not None:
+        counts = np.insert(np.fromiter(itertools.chain.from_iterable(counts), dtype="<u2", count=len(body)),
+                           starts, 0)
+    return Encoded(np.insert(body, starts, BOS_ID), lengths + 1, digests, counts)
 
 
 def batches(docs):
@@ -236,8 +248,8 @@ def _load_worker_model(model_file: str) -> None:
     _worker_sp = spm.SentencePieceProcessor(model_file=model_file, num_threads=1)
 
 
-def _encode_in_worker(docs: list[str]) -> Encoded:
-    return encode_batch(_worker_sp, docs)
+def _encode_in_worker(docs: list[str], with_bytes: bool = False) -> Encoded:
+    return encode_batch(_worker_sp, docs, with_bytes)
 
 
 def in_order(pool, fn, items, window: int):
@@ -256,14 +268,15 @@ def in_order(pool, fn, items, window: int):
 
 @contextmanager
 def encoder(model: Path, workers: int):
-    """A function from batches of documents to (batch, Encoded) pairs, in order, computed by `workers`
-    processes that each load the model once (in this process when `workers` is 1)."""
+    """A function from batches of documents (and `with_bytes`) to (batch, Encoded) pairs, in order, computed by
+    `workers` processes that each load the model once (in this process when `workers` is 1)."""
     if workers == 1:
         sp = spm.SentencePieceProcessor(model_file=str(model), num_threads=1)
-        yield lambda items: ((batch, encode_batch(sp, batch)) for batch in items)
+        yield lambda items, with_bytes=False: ((batch, encode_batch(sp, batch, with_bytes)) for batch in items)
         return
     with ProcessPoolExecutor(workers, initializer=_load_worker_model, initargs=(str(model),)) as pool:
-        yield lambda items: in_order(pool, _encode_in_worker, items, TASKS_PER_WORKER * workers)
+        yield lambda items, with_bytes=False: in_order(pool, functools.partial(_encode_in_worker, with_bytes=with_bytes),
+                                                       items, TASKS_PER_WORKER * workers)
 
 
 def available_cpus() -> int:
@@ -350,16 +363,25 @@ def shard_entry(path: Path, split: str, tokens) -> dict:
             "bos": int(np.count_nonzero(np.asarray(tokens) == BOS_ID)), "sha256": sha256_file(path)}
 
 
-def write_val(encoded, writer: ShardWriter) -> dict:
-    """Write the val documents, each set of ids once; their figures, and the digests of their ids."""
+def write_val(encoded, writer: ShardWriter, sidecar: ShardWriter | None = None, original=str) -> dict:
+    """Write the val documents, each set of ids once (and their ids' original bytes to the `sidecar`); their
+    figures, and the digests of their ids. `original` gives a document's original text (CaseOps: decode)."""
     seen, read, kept, raw_bytes, hashes = set(), 0, 0, 0, []
     for docs, enc, count in first_by_tokens(encoded, seen):
         writer.add(enc.tokens)
+        if sidecar is not None:
+            sidecar.add(enc.byte_counts)
         read, kept = read + count, kept + len(docs)
-        raw_bytes += sum(len(d.encode("utf-8")) for d in docs)
-        hashes += [doc_hash(d, "") for d in docs]
-    return {"shards": writer.close(), "documents": kept, "dropped": read - kept, "raw_bytes": raw_bytes,
-            "doc_sha256": sorted(hashes), "digests": seen}
+        texts = [original(d) for d in docs]
+        raw_bytes += sum(len(t.encode("utf-8")) for t in texts)
+        hashes += [doc_hash(t, "") for t in texts]
+    figures = {"shards": writer.close(), "documents": kept, "dropped": read - kept, "raw_bytes": raw_bytes,
+               "doc_sha256": sorted(hashes), "digests": seen}
+    return {**figures, "byte_sidecars": sidecar_entries(sidecar.close())} if sidecar else figures
+
+
+def sidecar_entries(entries: list[dict]) -> list[dict]:
+    return [{k: e[k] for k in ("name", "tokens", "sha256")} for e in entries]
 
 
 def write_train(encoded, writer: ShardWriter, val_digests: set) -> dict:
@@ -438,11 +460,11 @@ def check_round_trip(sp, model: Path, splits: dict, shard_dir: Path) -> dict:
     return figures
 
 
-def decoded_bytes(sp, documents) -> int:
-    """UTF-8 length of the documents' decoded text, one document at a time; <unk> pieces count 0 bytes,
-    as in the byte tables of val_bpb (the text they stood for is unknown)."""
+def decoded_bytes(sp, documents, original=str) -> int:
+    """UTF-8 length of the documents' decoded text (`original` of it: CaseOps decode), one document at a time;
+    <unk> pieces count 0 bytes, as in the byte tables of val_bpb (the text they stood for is unknown)."""
     unk = sp.unk_id()
-    return sum(len(sp.decode(d[d != unk].tolist()).encode("utf-8")) for d in documents)
+    return sum(len(original(sp.decode(d[d != unk].tolist())).encode("utf-8")) for d in documents)
 
 
 def check_raw_val_bytes(decoded: int, raw: int, model: Path, shard_dir: Path) -> None:
@@ -469,8 +491,11 @@ def load_tokenizer(path: Path, key: str):
 
 def tokenize_documents(cfg: dict, source, staging: Path, workers: int) -> dict:
     """Tokenize the documents `source()` streams, afresh for each pass (see the module docstring)."""
+    on = cfg.get("caseops", False)  # absent: a section keyed without the option, which is off
+
     def documents():
-        return cleaned(source(), cfg["min_doc_chars"], cfg["max_docs"])
+        docs = cleaned(source(), cfg["min_doc_chars"], cfg["max_docs"])
+        return map(caseops.encode, docs) if on else docs
 
     given = Path(cfg["tokenizer_model"]) if cfg["tokenizer_model"] else None
     sp = load_tokenizer(given, "tokenize.tokenizer_model") if given else None  # before reading the corpus
@@ -481,13 +506,17 @@ def tokenize_documents(cfg: dict, source, staging: Path, workers: int) -> dict:
         shutil.copyfile(given, model)
         named = given
     else:
-        train_tokenizer(TokenizerSample(documents, selection.sample), cfg["vocab_size"], model)
+        train_tokenizer(TokenizerSample(documents, selection.sample), cfg["vocab_size"], model, sp_settings(cfg))
         sp = spm.SentencePieceProcessor(model_file=str(model))
         named = staging.parent / "tokenizer.model"  # where it will be, not the staged copy
     check_bos(sp, named, staging.parent)
+    if on:
+        caseops.check_tokenizer(sp, named)
+    sidecar = ShardWriter(caseops.SIDECAR_SPLIT, cfg["shard_tokens"], staging) if on else None
     with encoder(model, workers) as encode:
-        val = write_val(encode(batches(documents_at(documents(), selection.val))),
-                        ShardWriter("val", cfg["shard_tokens"], staging))
+        val = write_val(encode(batches(documents_at(documents(), selection.val)), with_bytes=on),
+                        ShardWriter("val", cfg["shard_tokens"], staging), sidecar,
+                        caseops.decode if on else str)
         train = write_train(encode(batches(documents_outside(documents(), selection.val))),
                             ShardWriter("train", cfg["shard_tokens"], staging), val["digests"])
     if train["read"] != selection.total - len(selection.val):
@@ -497,6 +526,7 @@ def tokenize_documents(cfg: dict, source, staging: Path, workers: int) -> dict:
     written = {split: (split_documents(staging / s["name"] for s in figures["shards"]), figures["documents"])
                for split, figures in splits.items()}
     return {
+        **({"byte_sidecars": val["byte_sidecars"]} if on else {}),
         "documents": {split: figures["documents"] for split, figures in splits.items()},
         "token_duplicates_dropped": {split: figures["dropped"] for split, figures in splits.items()},
         "tokenizer_check": check_round_trip(sp, named, written, staging.parent),
@@ -532,17 +562,21 @@ def import_challenge(cfg: dict, staging: Path) -> dict:
             link_or_copy(path, staging / path.name)
             shards.append(shard_entry(staging / path.name, split, tokens))
     check_splits_apart(shards, src)
+    sidecars = caseops.import_sidecars(src, paths["val"], staging, cfg.get("caseops", False), link_or_copy)
+    if cfg.get("caseops"):
+        caseops.check_tokenizer(sp, model)
     documents = {split: sum(s["bos"] for s in shards if s["split"] == split) for split in ("train", "val")}
     if documents["val"] == 0:
         raise ShardError(f"{src}: val shards hold no BOS token; documents must start with BOS ({BOS_ID})")
     check = check_round_trip(sp, model, {split: (split_documents(paths[split]), documents[split])
                                          for split in ("val", "train")}, src)
     if raw_val_bytes is not None:
-        check["val_decoded_bytes"] = decoded_bytes(sp, split_documents(paths["val"]))
+        check["val_decoded_bytes"] = decoded_bytes(sp, split_documents(paths["val"]),
+                                                   caseops.decode if cfg.get("caseops") else str)
         check_raw_val_bytes(check["val_decoded_bytes"], raw_val_bytes, model, src)
     shutil.copyfile(model, staging / "tokenizer.model")
-    return {"documents": documents, "tokenizer_check": check, "val_raw_bytes": raw_val_bytes,
-            "shards": shards, "vocab_size": sp.vocab_size()}
+    return {**({"byte_sidecars": sidecars} if sidecars else {}), "documents": documents, "tokenizer_check": check,
+            "val_raw_bytes": raw_val_bytes, "shards": shards, "vocab_size": sp.vocab_size()}
 
 
 def source_documents(cfg: dict, files: list[Path]):
@@ -575,7 +609,7 @@ def run(cfg: dict, out_dir: Path, workers: int | None = None) -> dict:
             files = corpus.expand_paths(cfg["files"]["paths"]) if cfg["source"] == "files" else []
             info = tokenize_documents(cfg, source_documents(cfg, files), staging, workers or available_cpus())
         tokenizer_sha256 = sha256_file(staging / "tokenizer.model")
-        publish(staging, out_dir, [s["name"] for s in info["shards"]])
+        publish(staging, out_dir, [s["name"] for s in info["shards"] + info.get("byte_sidecars", [])])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     tokens = {split: sum(s["tokens"] for s in info["shards"] if s["split"] == split)
@@ -583,7 +617,8 @@ def run(cfg: dict, out_dir: Path, workers: int | None = None) -> dict:
     manifest = {**info, "tokens": tokens, "bos_id": BOS_ID, "source": cfg["source"],
                 "tokenizer": {"file": "tokenizer.model", "sha256": tokenizer_sha256,
                               "settings": "given" if cfg["source"] == "challenge" or cfg["tokenizer_model"]
-                              else SP_SETTINGS},
+                              else sp_settings(cfg),
+                              **({"text_transform": caseops.TRANSFORM} if cfg.get("caseops") else {})},
                 "config": cfg, "seconds": round(time.time() - start, 3)}
     write_json(out_dir / "manifest.json", manifest)
     write_json(out_dir / "summary.json", {k: manifest[k] for k in (

@@ -23,9 +23,10 @@ from stages.scoring import (PIECES, Batch, OnlineBias, Progress, Ranks, Scores, 
                             on_device, piece_bounds, score_chunks, window_chunks, window_losses)
 
 
-def sgd_losses(model, stream, windows: np.ndarray, cfg: dict, ranks: Ranks, bias: OnlineBias | None) -> Scores:
+def sgd_losses(model, stream, windows: np.ndarray, cfg: dict, ranks: Ranks, bias: OnlineBias | None,
+               tilt=None) -> Scores:
     """The sliding windows scored chunk by chunk (chunks of ttt.chunk_tokens), a copy of the model trained on
-    each chunk (cosine-decayed lr) after it is scored."""
+    each chunk (cosine-decayed lr) after it is scored; the n-gram `tilt` changes the scores, not the training."""
     ttt = cfg["ttt"]
     chunks = window_chunks(windows, chunk_bounds(windows, ttt["chunk_tokens"]), cfg["batch_seqs"], ranks,
                            stream.device)
@@ -37,7 +38,7 @@ def sgd_losses(model, stream, windows: np.ndarray, cfg: dict, ranks: Ranks, bias
             lr = ttt["lr"] * 0.5 * (1 + math.cos(math.pi * k / max(len(chunks) - 1, 1)))
             train_on_scored(model, stream, chunk.first - 1, chunk.last, cfg, lr, optimizer, ranks)
 
-    return score_chunks(model, stream, chunks, cfg["doc_isolation"], ranks, "evaluate ttt", bias, learn)
+    return score_chunks(model, stream, chunks, cfg["doc_isolation"], ranks, "evaluate ttt", bias, learn, tilt)
 
 
 def training_windows(lo: int, hi: int, seq_len: int) -> np.ndarray:
@@ -108,15 +109,16 @@ def document_spans(tokens: np.ndarray) -> np.ndarray:
     return np.stack([starts[keep], ends[keep]], axis=1).astype(np.int64)
 
 
-def document_windows(spans: np.ndarray, seq_len: int, chunk_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def document_windows(spans: np.ndarray, seq_len: int, chunk_tokens) -> tuple[np.ndarray, np.ndarray]:
     """Windows (start, end, first), as scoring_windows', of every document: one per chunk of chunk_tokens
-    targets, each with the last seq_len tokens of its document before its last target; and the bounds of each
-    document's windows (document d's are windows[bounds[d]:bounds[d+1]])."""
+    targets (one number, or one per document), each with the last seq_len tokens of its document before its
+    last target; and the bounds of each document's windows (document d's are windows[bounds[d]:bounds[d+1]])."""
     starts, ends = spans[:, 0], spans[:, 1]
-    bounds = np.r_[0, np.cumsum(-(-(ends - starts - 1) // chunk_tokens))]
+    chunk = np.broadcast_to(np.asarray(chunk_tokens, dtype=np.int64), len(spans))
+    bounds = np.r_[0, np.cumsum(-(-(ends - starts - 1) // chunk))]
     doc = np.repeat(np.arange(len(spans)), np.diff(bounds))
-    first = starts[doc] + 1 + (np.arange(bounds[-1]) - bounds[doc]) * chunk_tokens
-    last = np.minimum(first + chunk_tokens, ends[doc]) - 1
+    first = starts[doc] + 1 + (np.arange(bounds[-1]) - bounds[doc]) * chunk[doc]
+    last = np.minimum(first + chunk[doc], ends[doc]) - 1
     return np.stack([np.maximum(starts[doc], last - seq_len), last, first], axis=1).astype(np.int64), bounds
 
 

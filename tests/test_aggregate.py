@@ -30,10 +30,11 @@ def make_run(tmp_path, arm, seed, point, mode, bpb, tokens=TOKENS, nbytes=BYTES,
              "final_train_loss": 3.0}
     quant = {"model_bytes": 15_000_000, "code_bytes": 50_000, "total_bytes": 15_050_000,
              "cap_bytes": 16_000_000, "headroom_bytes": 950_000, "bits": 6, "compressor": "zstd"}
+    artifact = _write(tmp_path / f"{stem}.quant.json", quant) if point != "prequant" else None
     return {"arm": arm, "seed": seed, "point": point, "mode": mode,
             "eval": _write(tmp_path / f"{stem}.eval.json", ev),
             "train_summary": _write(tmp_path / f"{stem}.train.json", train),
-            "quantize_summary": _write(tmp_path / f"{stem}.quant.json", quant) if point != "prequant" else None}
+            "quantize_summary": artifact, "size": artifact}  # one file serves as both here
 
 
 def plan(tmp_path, runs, report_cfg, arms=None):
@@ -185,9 +186,9 @@ def test_rescue_step_reports_bytes_added(tmp_path):
                                  ("a", "rescue", "standard"): [1.19, 1.205, 1.21]})
     for r in runs:  # the rescue artifact is 25,000 bytes bigger than the quantized one
         if r["point"] == "rescue":
-            r["quantize_summary"] = _write(tmp_path / f"rescue{r['seed']}.json", {"total_bytes": 15_075_000})
+            r["size"] = r["quantize_summary"] = _write(tmp_path / f"rescue{r['seed']}.json", {"total_bytes": 15_075_000})
         else:
-            r["quantize_summary"] = _write(tmp_path / f"quant{r['seed']}.json", {"total_bytes": 15_050_000})
+            r["size"] = r["quantize_summary"] = _write(tmp_path / f"quant{r['seed']}.json", {"total_bytes": 15_050_000})
     gain = agg.step_stats(agg.load_results(runs), "quant", "rescue")["a"]["standard"]
     assert gain["bytes_added"] == 25_000
     assert gain["mean"] == pytest.approx(-0.025 / 3)
@@ -348,7 +349,7 @@ def test_the_headline_deltas_of_bytes_and_seconds(tmp_path):
     runs = build_runs(tmp_path, rescue_table())
     for r in runs:
         if r["arm"] == "lcq" and r["point"] == "rescue":
-            r["quantize_summary"] = _write(tmp_path / f"rescue{r['seed']}.json", {"total_bytes": 15_075_000})
+            r["size"] = r["quantize_summary"] = _write(tmp_path / f"rescue{r['seed']}.json", {"total_bytes": 15_075_000})
             ev = json.loads(open(r["eval"]).read())
             ev["seconds"] = 4.0
             _write(tmp_path / f"lcq_{r['seed']}_rescue_standard.eval.json", ev)
@@ -424,9 +425,9 @@ def test_where_the_bytes_go_and_throughput_from_the_summaries(tmp_path):
     for r in runs:
         r["train_summary"] = train  # both arms share one training run per seed (the same file here)
         if r["point"] == "quant":
-            r["quantize_summary"] = _write(tmp_path / f"q_{r['arm']}_{r['seed']}.json", quant)
+            r["size"] = r["quantize_summary"] = _write(tmp_path / f"q_{r['arm']}_{r['seed']}.json", quant)
         elif r["point"] == "rescue":
-            r["quantize_summary"] = _write(tmp_path / f"r_{r['seed']}.json", rescue)
+            r["size"] = r["quantize_summary"] = _write(tmp_path / f"r_{r['seed']}.json", rescue)
     stats = agg.build_stats(agg.load_results(runs), "baseline", 0.95, runs=runs)
     b = stats["artifact_budgets"]["lcq"]
     assert (b["point"], b["model_bytes"], b["code_bytes"], b["rescue_bytes"]) == ("rescue", 2300, 500, 300)

@@ -88,12 +88,6 @@ PROBLEMS = {
     "mixed_rows_bits": ({"quantize.storage.form": "mixed_rows", "quantize.storage.mixed_rows.high_bits": 8,
                          "quantize.bits": 8},
                         "quantize.storage.mixed_rows.high_bits: 8 must exceed quantize.bits 8"),
-    "cap_below_code": ({"quantize.cap_bytes": 1000, "quantize.counted_code": ["stages/model.py"]},
-                       "quantize.cap_bytes: 1000 leaves no bytes for the model: quantize.counted_code is "),
-    "size_target_below_code": ({"quantize.size_target": {"enabled": True, "bytes": 1000},
-                                "quantize.counted_code": ["stages/model.py"]},
-                               "quantize.size_target.bytes: 1000 leaves no bytes for the model: "
-                               "quantize.counted_code is "),
     "size_target_above_cap": ({"quantize.size_target": {"enabled": True, "bytes": 17_000_000}},
                               "quantize.size_target.bytes: 17000000 exceeds quantize.cap_bytes 16000000"),
     "val_docs_max_docs": ({"tokenize.max_docs": 400},
@@ -114,8 +108,7 @@ def test_each_check_names_the_key_path(settings, message):
     {"rescue.lcq.targets": ["nope"]},  # lcq off
     {"quantize.storage.mixed_rows.high_bits": 2},  # form dense
     {"quantize.size_target": {"enabled": False, "bytes": 1}},
-    {"quantize.cap_bytes": 1000, "quantize.code_accounting": "minified"},  # known only once minified
-    {"quantize.cap_bytes": 1000, "quantize.counted_code": ["stages/nope.py"]},  # config.resolve_inputs' problem
+    {"quantize.cap_bytes": 1000},  # the counted code is known once the export is generated: quantize checks it
     {"train.gptq_reserve_seconds": 600},  # no cap
     {"tokenize.source": "challenge", "tokenize.max_docs": 400},  # challenge shards are split already
     {"evaluate.stride": 128, "train.micro_batches": 32, "train.grow": {"depths": [4], "until": [0.5]},
@@ -123,15 +116,6 @@ def test_each_check_names_the_key_path(settings, message):
 ])
 def test_settings_that_do_not_apply_or_are_at_their_limit_pass(settings):
     assert checks.problems(stage_config(settings)) == []
-
-
-def test_code_budget_counts_the_raw_bytes_of_the_counted_code():
-    size = (ROOT / "stages" / "model.py").stat().st_size
-    at_limit = stage_config({"quantize.cap_bytes": size, "quantize.counted_code": ["stages/model.py"]})
-    assert checks.problems(at_limit) == [
-        f"quantize.cap_bytes: {size} leaves no bytes for the model: quantize.counted_code is {size:,} bytes"]
-    at_limit["quantize"]["cap_bytes"] = size + 1
-    assert checks.problems(at_limit) == []
 
 
 MODEL_CASES = [

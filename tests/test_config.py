@@ -59,6 +59,28 @@ def test_keys_follow_config_and_switching_back_restores_the_key():
     assert caddie.plan(cfg)["arms"]["baseline"] == before
 
 
+def test_an_eval_setting_changes_the_shipped_file_but_not_the_artifact():
+    cfg = default_config()
+    before = caddie.plan(cfg)["arms"]["baseline"]
+    cfg["defaults"]["evaluate"]["ttt"]["lr"] *= 2
+    after = caddie.plan(cfg)["arms"]["baseline"]
+    assert after["export"] != before["export"]  # the file embeds every setting: its counted bytes can change
+    assert (after["quantize"], after["evaluate"]["quant"]["standard"]) == (
+        before["quantize"], before["evaluate"]["quant"]["standard"])
+
+
+def test_a_size_target_keys_quantize_on_the_export_it_leaves_room_for():
+    cfg = default_config()
+    cfg["defaults"]["quantize"]["size_target"]["enabled"] = True
+    plan = caddie.plan(cfg)
+    keys = plan["arms"]["baseline"]
+    quantize = plan["stages"]["quantize"][keys["quantize"]]
+    assert quantize["config"]["code_file"] == caddie.export_file(keys["export"])
+    assert quantize["inputs"] == {"train": keys["train"], "export": keys["export"]}
+    cfg["defaults"]["evaluate"]["ttt"]["lr"] *= 2  # pruning depends on the file's bytes: it re-quantizes
+    assert caddie.plan(cfg)["arms"]["baseline"]["quantize"] != keys["quantize"]
+
+
 def test_disabled_curriculum_is_not_an_input_of_train_and_its_settings_do_not_matter():
     cfg = default_config()
     cfg["defaults"]["curriculum"]["enabled"] = False
@@ -371,4 +393,4 @@ def test_record_preset_runs_exactly_its_arm_with_its_three_seeds(record, seeds):
     assert tok == {"source": "challenge", "challenge": {
         "dir": "data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
         "tokenizer": "data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
-        "raw_val_bytes": None}}
+        "raw_val_bytes": None}, "caseops": True}

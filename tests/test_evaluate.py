@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from files import change_byte, flip_mantissa_bit, save_checkpoint, summary_of
-from stages import bpb, evaluate, scoring, ttt
+from stages import bpb, evaluate, ngram_tilt, scoring, ttt
 from stages.io import IntegrityError, sha256_file
 from stages.model import GPT, GPTConfig
 from stages.shards import read_shard, write_shard
@@ -52,11 +52,21 @@ LORA = {"rank": 4, "targets": ["attn.c_q", "attn.c_v", "attn.proj", "mlp.fc", "m
         "steps": 1, "lr": 0.05, "weight_decay": 0.0, "batch_docs": 3}
 
 
+# Phased TTT (stages.phased_ttt): two global SGD passes, after the first 2 and 4 documents (of ~9), in chunks
+# of 32 targets (one sequence), the n-gram tilt on.
+PHASED = {"phases": 2, "prefix_docs": 4, "sites": ["q", "k", "v", "o", "mlp", "head"], "alpha": 8.0,
+          "betas": [0.0, 0.99], "eps": 1e-10, "short_docs": []}
+TILT = {"enabled": True, "order": 3, "threshold": 0.3, "boost": 1.5}
+
+
 def eval_config(method="sgd", lora=None, **overrides):
     cfg = {"seq_len": 32, "stride": 8, "batch_seqs": 8, "device": "cpu", "doc_isolation": False,
-           "ttt": {"method": method, "chunk_tokens": 64, "epochs": 1, "lr": 0.01, "momentum": 0.9, "grad_clip": 1.0,
-                   "batch_seqs": 4, "lora": {**LORA, **(lora or {})}},
+           "ttt": {"method": method, "chunk_tokens": 32 if method == "phased" else 64, "epochs": 1, "lr": 0.01,
+                   "momentum": 0.9, "grad_clip": 1.0, "batch_seqs": 4, "lora": {**LORA, **(lora or {})},
+                   "phased": PHASED},
            "ogd": {"enabled": False, "lr": 0.5}, "budget_seconds": 0, "point": "prequant"}
+    if method == "phased":
+        cfg["ngram_tilt"] = TILT
     cfg.update(overrides)
     return cfg
 
@@ -89,11 +99,16 @@ def test_sliding_with_stride_equal_to_seq_len_is_standard_and_batching_changes_n
 
 
 MODES = [("standard", "sgd", False), ("sliding", "sgd", False), ("ttt", "sgd", False), ("sliding", "sgd", True),
-         ("ttt", "sgd", True), ("ttt", "lora", False), ("ttt", "lora", True)]
+         ("ttt", "sgd", True), ("ttt", "lora", False), ("ttt", "lora", True), ("ttt", "phased", False)]
+
+
+def losses_of(model, tokens, mode, cfg):
+    """evaluate.token_losses with the n-gram tilt the config asks for, built as evaluate.run builds it."""
+    return evaluate.token_losses(model, tokens, mode, cfg, CPU, tilt=ngram_tilt.build_tilt(tokens, cfg, CPU))
 
 
 @pytest.mark.parametrize("mode, method, ogd", MODES,
-                         ids=[f"{m}{'-lora' if t == 'lora' else ''}{'+ogd' if o else ''}" for m, t, o in MODES])
+                         ids=[f"{m}{'' if t == 'sgd' else '-' + t}{'+ogd' if o else ''}" for m, t, o in MODES])
 @pytest.mark.parametrize("p", [1, 37, 100, 150])
 def test_scores_before_p_do_not_depend_on_tokens_from_p_on(mode, method, ogd, p):
     """Score first: changing tokens at positions >= p leaves the losses of targets < p unchanged, and
@@ -102,10 +117,10 @@ def test_scores_before_p_do_not_depend_on_tokens_from_p_on(mode, method, ogd, p)
     tokens = np.random.default_rng(2).integers(2, 64, 200)
     tokens[::23] = 1  # documents
     cfg = eval_config(method, ogd={"enabled": ogd, "lr": 0.5}, doc_isolation=mode == "ttt")
-    before = evaluate.token_losses(model, tokens, mode, cfg, CPU)
+    before = losses_of(model, tokens, mode, cfg)
     changed = tokens.copy()
     changed[p:] = np.random.default_rng(3).integers(2, 64, len(tokens) - p)
-    after = evaluate.token_losses(model, changed, mode, cfg, CPU)
+    after = losses_of(model, changed, mode, cfg)
     assert np.isnan(before[0]) and not np.isnan(before[1:]).any()  # all 199 targets, once each
     assert np.array_equal(before[1:p], after[1:p])
     assert not np.array_equal(before[p:], after[p:])

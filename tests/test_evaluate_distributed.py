@@ -15,18 +15,22 @@ import torch.multiprocessing as mp
 
 from files import save_checkpoint, summary_of
 from stages import evaluate, scoring
+from stages.ngram_tilt import build_tilt
 from test_evaluate import MODES, eval_config, flat_tables, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-IDS = [f"{m}{'-lora' if t == 'lora' else ''}{'+ogd' if o else ''}" for m, t, o in MODES]
+IDS = [f"{m}{'' if t == 'sgd' else '-' + t}{'+ogd' if o else ''}" for m, t, o in MODES]
 CHANGED_FROM = (37, 150)
 
 
 def mode_config(method, ogd):
     """Small batches, so that every chunk and OGD round has work for both ranks; a TTT chunk trains on 4
-    sequences, in a step of 3 (pieces: 2 on rank 0, 1 on rank 1) and a step of 1 (rank 1 has none)."""
-    return eval_config(method, ogd={"enabled": ogd, "lr": 0.5}, batch_seqs=2,
-                       ttt={**eval_config(method)["ttt"], "chunk_tokens": 128, "batch_seqs": 3})
+    sequences, in a step of 3 (pieces: 2 on rank 0, 1 on rank 1) and a step of 1 (rank 1 has none). Phased TTT
+    (with the n-gram tilt): global SGD after the first 8 and 16 documents, on 1 and 2 chunks."""
+    ttt = {**eval_config(method)["ttt"], "chunk_tokens": 128, "batch_seqs": 3}
+    if method == "phased":
+        ttt["phased"] = {**ttt["phased"], "prefix_docs": 16}
+    return eval_config(method, ogd={"enabled": ogd, "lr": 0.5}, batch_seqs=2, ttt=ttt)
 
 
 def documents(n, seed):
@@ -54,9 +58,11 @@ def evaluate_jobs(runs, ranks, device) -> dict:
     """Each run's rank-local target losses and its score (the sums over all ranks)."""
     out = {}
     for name, tokens, mode, cfg in runs:
-        out[name] = evaluate.token_losses(tiny_model(), tokens, mode, cfg, device, ranks)
+        tilt = build_tilt(tokens, cfg, device)
+        out[name] = evaluate.token_losses(tiny_model(), tokens, mode, cfg, device, ranks, tilt)
         if name.endswith("/val"):
-            out[name + "/score"] = evaluate.score(tiny_model(), tokens, flat_tables(64), cfg, mode, device, ranks)
+            out[name + "/score"] = evaluate.score(tiny_model(), tokens, flat_tables(64), cfg, mode, device, ranks,
+                                                  tilt)
     return out
 
 

@@ -105,6 +105,8 @@ def test_seed_in_name():
     ("quantized_ttt", ("quant", "ttt")),
     ("quantized_ttt_phased", ("quant", "ttt")),
     ("legal_ttt", ("quant", "ttt")),
+    ("rescued_quantized", ("rescue", "standard")),  # caddie's exports (stages/recordlog.py)
+    ("rescued_quantized_ttt", ("rescue", "ttt")),
     ("some_probe", None),
 ])
 def test_eval_point_mode(label, kind):
@@ -236,3 +238,21 @@ def test_rows_have_exactly_the_results_table_keys(record_logs):
     assert all(r["artifact_bytes"] is None for r in rows if r["point"] == "prequant")
     # 1 baseline log x 2 kinds + 3 recur logs x 4 kinds + 3 LQER logs x 3 kinds
     assert len(rows) == 2 + 12 + 9
+
+
+def test_a_rescued_artifact_is_its_own_point_and_the_final(tmp_path):
+    path = write_log(tmp_path, "X_seed1.log",
+                     "quantized val_loss:2.10000000 val_bpb:1.20000000 eval_time:1000ms",
+                     "rescued_quantized val_loss:2.05000000 val_bpb:1.15000000 eval_time:1100ms",
+                     "rescued_quantized_ttt val_loss:2.00000000 val_bpb:1.10000000 eval_time:5000ms")
+    log = records.parse_log(path)
+    assert log["final"] == {"point": "rescue", "mode": "ttt", "val_loss": 2.0, "val_bpb": 1.1}
+    assert {(r["point"], r["mode"]) for r in records.results_rows([path])} == {
+        ("quant", "standard"), ("rescue", "standard"), ("rescue", "ttt")}
+
+
+def test_every_label_an_export_writes_reads_back_as_its_point_and_mode():
+    from stages import recordlog
+    for point in recordlog.POINT_LABELS:
+        for mode in recordlog.MODE_SUFFIXES:
+            assert records.eval_point_mode(recordlog.eval_label(point, mode)) == (point, mode)

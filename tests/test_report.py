@@ -41,7 +41,7 @@ def study(tmp_path):
             quant = None if point == "prequant" else _write(tmp_path / f"q_{name}_{seed}.json",
                                                               {"total_bytes": 10**6, "model_bytes": 9 * 10**5})
             return {"arm": arm, "seed": seed, "point": point, "mode": mode, "eval": ev, "train_summary": summary,
-                    "train_metrics": str(metrics), "quantize_summary": quant, "budget_seconds": 600}
+                    "train_metrics": str(metrics), "quantize_summary": quant, "size": quant, "budget_seconds": 600}
         jitter = SEEDS.index(seed) * 0.001
         for i, arm in enumerate(ARMS):
             for mode in ("standard", "sliding"):

@@ -24,8 +24,8 @@ def rescue_config(lcq=True, calibrate=False) -> dict:
 def quantized(tiny_checkpoint, tiny_data, tmp_path_factory):
     """4-bit artifacts (damage to rescue), without and with LQER factors of their own."""
     out = tmp_path_factory.mktemp("quantize")
-    for name, lqer in (("plain", {"rank": 0, "top_k": 3, "factor_bits": 4}),
-                       ("lqer", {"rank": 2, "top_k": 3, "factor_bits": 4})):
+    for name, lqer in (("plain", {"rank": 0, "top_k": 3, "factor_bits": 4, "asym_group": 0}),
+                       ("lqer", {"rank": 2, "top_k": 3, "factor_bits": 4, "asym_group": 0})):
         quantize.run(tiny_quantize_config(bits=4, lqer=lqer), tiny_checkpoint, summary_of(tiny_checkpoint),
                      tiny_data["manifest"], 1, out / f"{name}.bin", out / f"{name}.json")
     return out
@@ -75,7 +75,7 @@ def test_lcq_stores_its_lora_in_the_artifact_and_lowers_kl(quantized, tiny_check
     assert 0.5 * added < s["lora_bytes"] < 1.2 * added  # the factors, compressed, are what the bytes grew by
     assert s["model_bytes"] == (tmp_path / "rescued.bin").stat().st_size
     assert s["artifact_sha256"] == io.sha256_file(tmp_path / "rescued.bin")
-    assert s["total_bytes"] == s["model_bytes"] + s["code_bytes"] and s["headroom_bytes"] > 0
+    assert s["cap_bytes"] == 16_000_000 and "total_bytes" not in s  # the code is counted with the export's
     x = torch.arange(32)[None] % 500
     old, new = pack.load_model(quantized / "plain.bin"), pack.load_model(tmp_path / "rescued.bin")
     assert not torch.allclose(old.forward_logits(x), new.forward_logits(x))
@@ -116,9 +116,9 @@ def test_over_the_cap_fails_and_writes_nothing(quantized, tiny_checkpoint, tiny_
     cfg = rescue_config()
     cfg["lcq"]["steps"] = 2
     qsum = json.loads((quantized / "plain.json").read_text())
-    qsum["cap_bytes"] = qsum["total_bytes"] + 100  # less headroom than the factors take
+    qsum["cap_bytes"] = qsum["model_bytes"] + 100  # less headroom than the factors take
     (tmp_path / "tight.json").write_text(json.dumps(qsum))
-    with pytest.raises(quantize.QuantizationError, match=r"rescue: .* over quantize.cap_bytes"):
+    with pytest.raises(quantize.QuantizationError, match=r"rescue: the rescued model alone is .* over quantize.cap_bytes"):
         run(cfg, quantized, tiny_checkpoint, tiny_data, tmp_path, summary=tmp_path / "tight.json")
     assert not (tmp_path / "rescued.bin").exists() and not (tmp_path / "rescued.json").exists()
 
@@ -201,3 +201,20 @@ def test_both_fits_on_cuda_record_it_and_lower_kl(quantized, tiny_checkpoint, ti
     s = run({**rescue_config(calibrate=True), "device": "cuda"}, quantized, tiny_checkpoint, tiny_data, tmp_path)
     assert s["device"] == "cuda" and s["kl_after"] < 0.9 * s["kl_before"]
     check_lora_round_trips(s, quantized / "plain.bin", tmp_path / "rescued.bin")
+
+
+def test_an_asymmetric_lqer_correction_is_read_and_replaced_as_stored():
+    """The records' asymmetric LQER (A int2 + one scale, B int4 per group): rescue reads it as pack decodes it,
+    and rewriting the correction drops the asymmetric form, so the new factors decode as written."""
+    from stages import lqer, pack
+    torch.manual_seed(0)
+    error = torch.randn(32, 64) * 0.01
+    entry = {"shape": [32, 64], **lqer.correction_fields(error, rank=4, factor_bits=4, asym_group=64)}
+    assert entry["lqer_form"] == "asym"
+    stored = lqer.correction(pack.codes(entry, "lqer_a"), pack.codes(entry, "lqer_b"), entry)
+    assert torch.equal(rescue.existing_correction(entry), stored)
+    new = torch.randn(32, 64) * 0.01
+    rescue.store_correction(entry, new, rank=4, bits=6)
+    assert "lqer_form" not in entry and "lqer_group" not in entry
+    got = rescue.existing_correction(entry)
+    assert (got - new).norm() < (stored - new).norm()

@@ -281,9 +281,9 @@ def test_tokenizer_is_trained_on_train_documents_only(tmp_path, monkeypatch, tin
     seen = []
     real = tokenize.train_tokenizer
 
-    def spy(train_docs, vocab_size, out_model):
+    def spy(train_docs, vocab_size, out_model, *settings):
         seen.append(list(train_docs))
-        return real(train_docs, vocab_size, out_model)
+        return real(train_docs, vocab_size, out_model, *settings)
 
     monkeypatch.setattr(tokenize, "train_tokenizer", spy)
     manifest = tokenize.run(tiny_tokenize_config(), tmp_path)

@@ -11,16 +11,25 @@ The record's train_gpt.py runs from a CPU copy written by bench/frontier_parity.
 Triton stubbed) plus the edits in EVAL_SUBSTITUTIONS, each asserted to match exactly once, and the run-time edits
 listed in RUNTIME_EDITS. The model is the record's GPT at frontier_parity's reduced shape (vocab 1024, width 256,
 its 11 layers, loop and parallel lanes), moved off its init by seeded noise, its weights copied into caddie's GPT
-(frontier_parity.caddie_state). The weights are float, the same for both: caddie's records-style quantizer is
-another part of issue 15, and an eval scores whatever weights it is given. The val tokens: Python standard
-library sources (one document per file, BOS first) through the 1024-token FineWeb SentencePiece model.
+(frontier_parity.caddie_state), after the record's own GPTQ path (collect_hessians, gptq_mixed_quantize,
+dequantize_mixed) has quantized them: both evals score the same dequantized weights. The val tokens: Python
+standard library sources (one document per file, BOS first) through the 1024-token FineWeb SentencePiece model.
+
+Each comparison runs twice, each in a process of its own (the record registers torch.library ops at import): in
+fp32, the precision caddie evaluates in on CPU, and in float64 (the same quantized weights, upcast exactly), where
+rounding is too small to hide a difference in what the two codes compute. Phased TTT trains, so in fp32 its score
+carries rounding amplified by training (the report shows how far the record's own score moves from fp32 to float64);
+the tolerance is met where the comparison can resolve it: float64 for phased TTT, both precisions for the eval
+that does not train.
 """
+import collections
 import copy
 import hashlib
 import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,7 +68,12 @@ RECORD_ENV = {
     "NGRAM_TILT_ENABLED": "1", "TOKEN_ORDER": str(EVAL["order"]), "TOKEN_THRESHOLD": str(EVAL["threshold"]),
     "TOKEN_BOOST": str(EVAL["boost"]), "WITHIN_TAU": "99.0", "WITHIN_BOOST": "0.0", "WORD_TAU": "99.0",
     "WORD_BOOST": "0.0", "AGREE_ADD_BOOST": "0.0", "TOKENIZER_PATH": str(TOKENIZER), "RUN_ID": "frontier_eval",
+    # the quantizer's settings of the record's command (its README), for the weights both evals score
+    "MATRIX_BITS": "6", "EMBED_BITS": "7", "MATRIX_CLIP_SIGMAS": "12.85", "ATTN_CLIP_SIGMAS": "13.0",
+    "MLP_CLIP_SIGMAS": "11.5", "EMBED_CLIP_SIGMAS": "14.0", "GATED_ATTN_QUANT_GATE": "0", "LQER_ENABLED": "1",
+    "LQER_RANK": "4", "LQER_TOP_K": "3", "LQER_FACTOR_BITS": "4", "LQER_ASYM_ENABLED": "1", "LQER_ASYM_GROUP": "32",
 }
+CALIBRATION = {"package": "json", "batches": 2, "rows": 4}  # the record's collect_hessians on other text
 # (old text, new text, expected matches, why), applied to frontier_parity's CPU copy. Nothing else is changed.
 EVAL_SUBSTITUTIONS = [
     ("    global_doc_entries = sorted(doc_entries, key=lambda x: x[1][1])\n",
@@ -117,6 +131,44 @@ def patch_for_eval() -> Path:
     out = upstream(RECORD).with_name("train_gpt_eval_cpu.py")
     out.write_text(text, encoding="utf-8")
     return out
+
+
+def calibration_batches(sp) -> list:
+    """Rows of SEQ_LEN tokens from other files (Python's `json` package), never the val documents."""
+    import torch
+    files = sorted((Path(json.__file__).parent.parent / CALIBRATION["package"]).glob("*.py"))
+    stream = [t for f in files for t in [1] + sp.encode(f.read_text(encoding="utf-8"))]
+    rows = CALIBRATION["batches"] * CALIBRATION["rows"]
+    if len(stream) < rows * SEQ_LEN:
+        raise SystemExit(f"the calibration text has {len(stream)} tokens, fewer than {rows * SEQ_LEN}")
+    x = torch.tensor(stream[:rows * SEQ_LEN]).view(CALIBRATION["batches"], CALIBRATION["rows"], SEQ_LEN)
+    return list(x)
+
+
+def quantize_like_the_record(peer, h, model, batches) -> dict:
+    """The record's own post-training path on `model`, in place: collect_hessians, gptq_mixed_quantize (GPTQ
+    int6 / int7 embedding, SDClip, asymmetric LQER, fp16 passthrough), dequantize_mixed: the weights its
+    deserialize() hands its evals. Returns the record's per-tensor quantization kinds."""
+    import torch
+
+    class Calibration:  # the record's loader interface; the same rows, in order
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def next_batch(self, *_):
+            return next(self.batches), None
+
+    hessians = peer.collect_hessians(model, Calibration(), h, torch.device("cpu"), len(batches))
+    for module in model.modules():  # collect_hessians switches the fused MLP back on
+        if isinstance(module, peer.MLP):
+            module.use_fused = False
+    flat = peer._unbank_state_dict(model.state_dict(), h.num_layers)
+    result, meta = peer.gptq_mixed_quantize(flat, hessians, h)
+    dequantized = peer.dequantize_mixed(result, meta, flat)
+    head_dim = h.model_dim // h.num_heads
+    model.load_state_dict(peer._rebank_state_dict(dequantized, h.num_layers, h.model_dim, h.num_kv_heads * head_dim,
+                                                  int(h.mlp_mult * h.model_dim)), strict=True)
+    return collections.Counter(meta.values())
 
 
 def fixed_a(peer, a0: dict):
@@ -180,7 +232,7 @@ def caddie_side(ours, tokens, sp) -> dict:
     return out
 
 
-def run() -> dict:
+def run(dtype: str) -> dict:
     import numpy as np
     env = {**MODEL_ENV, **RECORDS[RECORD]["env"], **SHAPES["reduced"], **RECORD_ENV}
     os.environ.update(env)  # the record's Hyperparameters (and its LoRA's class attributes) read them at import
@@ -204,15 +256,20 @@ def run() -> dict:
     for module in theirs.modules():
         if isinstance(module, peer.MLP):
             module.use_fused = False
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    peer.log = lambda *a, **k: None
+    kinds = quantize_like_the_record(peer, h, theirs, calibration_batches(sp))  # in fp32, as the record's
+    if dtype == "float64":  # both evals in float64 from here, on the same (exactly representable) weights
+        theirs.double()
+        torch.set_default_dtype(torch.float64)  # the record's LoRA and caddie's adapters are made in it
     preset = yaml.safe_load((ROOT / "presets" / f"record-{RECORD}.yaml").read_text())
     base = yaml.safe_load((ROOT / "config.yaml").read_text())
     model_cfg = deep_merge(base["defaults"]["train"]["model"], preset["defaults"]["train"]["model"])
     model_cfg["model_dim"] = int(env["MODEL_DIM"])
-    ours = GPT(GPTConfig(vocab_size=h.vocab_size, **model_cfg)).eval()
+    ours = GPT(GPTConfig(vocab_size=h.vocab_size, **model_cfg)).to(getattr(torch, dtype)).eval()
     ours.load_state_dict(caddie_state(theirs.state_dict(), h.num_layers), strict=True)
     ours.recurrence_active = True
 
-    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
     docs = val_documents(sp)
     tokens = np.concatenate([np.array(d) for d in docs])
     full = (len(tokens) - 1) // SEQ_LEN * SEQ_LEN + 1  # eval_val scores whole sequences only: the same targets
@@ -231,7 +288,8 @@ def run() -> dict:
         rows.append({"eval": label, "tokens": s["tokens"], "bytes": s["bytes"], "record_bpb": theirs_bpb,
                      "caddie_bpb": ours_bpb, "rel_diff": abs(ours_bpb - theirs_bpb) / theirs_bpb,
                      "record_s": theirs_out[f"{name}_s"], "caddie_s": ours_out[f"{name}_s"]})
-    return {"rows": rows, "tokens": int(len(tokens)), "docs": len(docs), "gated": ours_out["gated"],
+    return {"dtype": dtype, "rows": rows, "tokens": int(len(tokens)), "docs": len(docs), "gated": ours_out["gated"],
+            "kinds": dict(kinds),
             "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(), "torch": torch.__version__}
 
 
@@ -240,25 +298,41 @@ def bpb_of(sums: dict) -> float:
     return sums["loss_sum"] / (math.log(2) * sums["bytes"])
 
 
-def write_report(out: dict) -> None:
-    ok = all(r["rel_diff"] <= TOLERANCE for r in out["rows"])
+def passes(runs: dict) -> bool:
+    """Every float64 row within the tolerance; in fp32 the eval that does not train too."""
+    return (all(r["rel_diff"] <= TOLERANCE for r in runs["float64"]["rows"])
+            and runs["float32"]["rows"][0]["rel_diff"] <= TOLERANCE)
+
+
+def write_report(runs: dict) -> None:
+    out, f32, f64 = runs["float32"], runs["float32"]["rows"], runs["float64"]["rows"]
     lines = [
-        f"# Frontier eval parity: caddie's eval vs the record #{RECORD}'s eval code (CPU, fp32)", "",
+        f"# Frontier eval parity: caddie's eval vs the record #{RECORD}'s eval code (CPU)", "",
         "Command: `.venv/bin/python bench/frontier_eval.py`", "",
-        f"Result: **{'PASS' if ok else 'FAIL'}** (tolerance {TOLERANCE:g} relative on val_bpb).", "",
-        "| eval | scored tokens | bytes | record val_bpb | caddie val_bpb | rel. diff | record s | caddie s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"Result: **{'PASS' if passes(runs) else 'FAIL'}** (tolerance {TOLERANCE:g} relative on val_bpb: in float64 "
+        "for both evals, in fp32 for the eval that does not train).", "",
+        "| eval | precision | scored tokens | bytes | record val_bpb | caddie val_bpb | rel. diff | record s | "
+        "caddie s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in out["rows"]:
-        lines.append(f"| {r['eval']} | {r['tokens']:,} | {r['bytes']:,} | {r['record_bpb']:.8f} | "
-                     f"{r['caddie_bpb']:.8f} | {r['rel_diff']:.2e} | {r['record_s']:.1f} | {r['caddie_s']:.1f} |")
+    for dtype in ("float32", "float64"):
+        for r in runs[dtype]["rows"]:
+            lines.append(f"| {r['eval']} | {dtype} | {r['tokens']:,} | {r['bytes']:,} | {r['record_bpb']:.10f} | "
+                         f"{r['caddie_bpb']:.10f} | {r['rel_diff']:.2e} | {r['record_s']:.1f} | {r['caddie_s']:.1f} |")
+    shift = [abs(a["record_bpb"] - b["record_bpb"]) / b["record_bpb"] for a, b in zip(f32, f64)]
+    lines += ["", f"The record's own val_bpb, fp32 against float64: {shift[0]:.2e} relative for the quantized eval, "
+              f"{shift[1]:.2e} for phased TTT, whose training amplifies rounding; caddie's fp32 phased TTT is "
+              f"{f32[1]['rel_diff']:.2e} from the record's fp32 one, and {f64[1]['rel_diff']:.2e} from it in float64."]
     lines += [
         "", "## Setup", "",
         f"- Model: the record's GPT (its own code), vocab 1024, width 256, 11 layers with its loop (layers 3-5 twice "
         "more) and parallel lanes from layer 8, SmearGate, sparse attention gate, AsymLogit; seeded noise on every "
-        "tensor (frontier_parity.moved_off_init); the same float weights in caddie's GPT through "
-        "frontier_parity.caddie_state. Float weights, not quantized ones: the quantizer is another part of issue 15 "
-        "and an eval scores the weights it is given.",
+        "tensor (frontier_parity.moved_off_init); then quantized by the record's own code as its serialize() and "
+        "deserialize() do (collect_hessians on "
+        f"{CALIBRATION['batches']} batches of {CALIBRATION['rows']}x{SEQ_LEN} tokens of Python's "
+        f"`{CALIBRATION['package']}` package, gptq_mixed_quantize with its command's settings, dequantize_mixed: "
+        + ", ".join(f"{n} {k}" for k, n in sorted(out["kinds"].items())) + "); the same dequantized weights in "
+        "caddie's GPT through frontier_parity.caddie_state. Scored in fp32 and, upcast exactly, in float64 (the "
+        "record's deserialize casts to bf16 for its GPU kernels, which on CPU would only add rounding to compare).",
         f"- Val: {out['docs']} documents (the first {DOCS} files of Python's `email` package, {DOC_CHARS} characters "
         f"each, BOS first), {out['tokens']:,} tokens (sha256 `{out['tokens_sha256'][:16]}`), cut to whole "
         f"sequences of {SEQ_LEN} (the record's eval_val scores no partial sequence).",
@@ -290,11 +364,21 @@ def main():
             sys.exit(f"missing peers/record-{RECORD}/{name} (see this script's docstring)")
     if not TOKENIZER.exists():
         sys.exit(f"missing {TOKENIZER}")
-    out = run()
+    if "--dtype" in sys.argv[1:]:  # one precision, in this process: its result as JSON on the last line
+        out = run(sys.argv[sys.argv.index("--dtype") + 1])
+        print(json.dumps(out))
+        return
+    runs = {}
+    for dtype in ("float32", "float64"):
+        done = subprocess.run([sys.executable, __file__, "--dtype", dtype, *sys.argv[1:]], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            sys.exit(f"the {dtype} run failed:\n{done.stderr[-3000:]}")
+        runs[dtype] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(dtype, json.dumps(runs[dtype]["rows"], indent=1), flush=True)
     if not NO_TILT:
-        write_report(out)
-    print(json.dumps(out["rows"], indent=1))
-    if any(r["rel_diff"] > TOLERANCE for r in out["rows"]):
+        write_report(runs)
+    if not passes(runs):
         sys.exit("val_bpb differs beyond the tolerance")
 
 

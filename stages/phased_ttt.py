@@ -23,7 +23,6 @@ stream order (the records sort by length and hand batches out first come, first 
 from the same fixed draw (the records draw per row, and with TTT_WARM_START_A carry A over from the batch before
 on that rank); a global step divides by its target count (the records average the ranks' means).
 """
-import copy
 import math
 
 import numpy as np
@@ -34,7 +33,8 @@ from torch import nn
 from stages.attention import document_segments
 from stages.model import GPT, rms_norm
 from stages.scoring import (PIECES, Batch, Progress, Ranks, Scores, on_device, piece_bounds, window_logits)
-from stages.ttt import SummedGradients, document_spans, document_windows, lockstep_batches, sum_of_document_means
+from stages.ttt import (SummedGradients, document_spans, document_windows, lockstep_batches, sum_of_document_means,
+                        trainable_copy)
 
 SITES = ("q", "k", "v", "o", "mlp", "head")  # the records' TTT_*_LORA switches; head = their lm_head_lora
 LINEAR_SITES = {"q": "c_q", "k": "c_k", "v": "c_v"}
@@ -69,7 +69,9 @@ class SiteLoRA:
 
     def add_site(self, site: str, shapes: list, gen, device) -> None:
         self.outs[site] = [n_out for _, n_out in shapes]
-        self.a0[site] = [torch.empty(n_in, self.rank).uniform_(-1, 1, generator=gen).div_(math.sqrt(n_in)).to(device)
+        # drawn in fp32 whatever the default dtype, so a float64 run starts from the same A
+        self.a0[site] = [torch.empty(n_in, self.rank, dtype=torch.float32).uniform_(-1, 1, generator=gen)
+                         .div_(math.sqrt(n_in)).to(device=device, dtype=torch.get_default_dtype())
                          for n_in, _ in shapes]
 
     def reset(self, docs: int) -> list:
@@ -254,7 +256,7 @@ def phased_losses(model, tokens: np.ndarray, cfg: dict, device, ranks: Ranks, ti
                                                                               phased["short_docs"]))
     parts = phase_bounds(len(spans), phased["prefix_docs"], phased["phases"])
     prefix_parts = sum(hi <= min(phased["prefix_docs"], len(spans)) for hi in parts[1:])
-    base = copy.deepcopy(model).float() if prefix_parts else model
+    base = trainable_copy(model) if prefix_parts else model
     adapters = SiteLoRA(base, phased["sites"], lora["rank"], phased["alpha"], device)
     adapted, scores, size = AdaptedModel(base, adapters), Scores(), lora["batch_docs"]
     rounds = []

@@ -23,6 +23,13 @@ from stages.scoring import (PIECES, Batch, OnlineBias, Progress, Ranks, Scores, 
                             on_device, piece_bounds, score_chunks, window_chunks, window_losses)
 
 
+def trainable_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model to train at test time: fp32 where it holds a half precision; a float64 model stays
+    float64 (the parity benches run both sides in it, where rounding cannot hide a difference)."""
+    model = copy.deepcopy(model)
+    return model if all(p.dtype == torch.float64 for p in model.parameters()) else model.float()
+
+
 def sgd_losses(model, stream, windows: np.ndarray, cfg: dict, ranks: Ranks, bias: OnlineBias | None,
                tilt=None) -> Scores:
     """The sliding windows scored chunk by chunk (chunks of ttt.chunk_tokens), a copy of the model trained on
@@ -30,7 +37,7 @@ def sgd_losses(model, stream, windows: np.ndarray, cfg: dict, ranks: Ranks, bias
     ttt = cfg["ttt"]
     chunks = window_chunks(windows, chunk_bounds(windows, ttt["chunk_tokens"]), cfg["batch_seqs"], ranks,
                            stream.device)
-    model = copy.deepcopy(model).float().train()
+    model = trainable_copy(model).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=ttt["lr"], momentum=ttt["momentum"])
 
     def learn(k, chunk):

@@ -220,3 +220,11 @@ def test_the_result_splits_its_seconds_and_sums_them(tiny_data, tmp_path):
     plain = evaluate.run(eval_config(seq_len=64, stride=16, batch_seqs=16), "sliding", ckpt, summary_of(ckpt),
                          tiny_data["manifest"], tmp_path / "plain.json")
     assert plain["tokens"] == result["tokens"] and plain["val_bpb"] != result["val_bpb"]
+
+
+def test_the_trained_copy_is_fp32_from_half_precision_and_stays_float64():
+    from stages.ttt import trainable_copy
+    model = tiny_model()
+    assert {p.dtype for p in trainable_copy(model.bfloat16()).parameters()} == {torch.float32}
+    doubled = trainable_copy(model.double())
+    assert {p.dtype for p in doubled.parameters()} == {torch.float64} and doubled is not model

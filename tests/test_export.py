@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, default_config, tiny_train_config
 from stages import codesize, export, records
@@ -186,3 +187,25 @@ def test_a_record_preset_exports_without_running(tmp_path):
     text = (tmp_path / "train_gpt.py").read_text()
     assert counted["accounting"] == "minified" and counted["bytes"] == codesize.counted_bytes(text, "minified")["bytes"]
     assert "torch==" in (tmp_path / "requirements.txt").read_text()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_exported_file_runs_on_a_gpu_under_torchrun(tiny_data, tmp_path):
+    """The records' GPU command, `torchrun --standalone --nproc_per_node=N train_gpt.py`, on the GPUs there are
+    (bench/device_check.sh runs it on a lent one); the score is not compared with the CPU's (GPU kernels round
+    differently), only that the run completes and its log reads back."""
+    cfg = tiny_arm()
+    for section in (cfg["train"], cfg["quantize"], cfg["evaluate"]):
+        section["device"] = "cuda"
+    folder = tmp_path / "submission"
+    exported(cfg, folder)
+    gpus = torch.cuda.device_count()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                           "train_gpt.py"], cwd=folder, capture_output=True, text=True,
+                          env=environment(DATA_PATH=str(tiny_data["dir"]), SEED="7", RUN_ID="gpu"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    parsed = records.parse_log(folder / "logs" / "gpu.txt")
+    assert parsed["seed"] == 7 and parsed["final"]["mode"] == "sliding" and 0 < parsed["final"]["val_bpb"] < 20
+    result = json.loads((folder / "runs" / "gpu" / "evaluate" / "quant_sliding.json").read_text())
+    assert result["nproc"] == gpus

@@ -249,7 +249,7 @@ def check_config(cfg: dict) -> None:
 def phased_losses(model, tokens: np.ndarray, cfg: dict, device, ranks: Ranks, tilt=None) -> Scores:
     """Phased TTT of every target 1..n-1 (see the module's docstring)."""
     check_config(cfg)
-    ttt, lora, phased = cfg["ttt"], cfg["ttt"]["lora"], cfg["ttt"]["phased"]
+    lora, phased = cfg["ttt"]["lora"], cfg["ttt"]["phased"]
     stream = on_device(tokens.astype(np.int64), device)
     spans = document_spans(tokens)
     windows, bounds = document_windows(spans, cfg["seq_len"], document_chunks(spans, lora["chunk_tokens"],

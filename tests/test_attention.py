@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_train_config
 from stages import attention, train
-from stages.attention import Segments, causal_attention, document_mask, document_segments, segment_starts
+from stages.attention import causal_attention, document_segments, segment_starts
 from stages.model import GPT, GPTConfig
 
 

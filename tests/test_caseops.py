@@ -15,6 +15,7 @@ from test_evaluate import eval_config, tiny_model
 
 from stages import bpb, caseops, evaluate, tokenize
 from stages import config as caddie
+from stages.documents import doc_hash
 from stages.io import sha256_file, write_json
 from stages.scoring import ONE
 from stages.shards import ShardError, read_shard, write_shard
@@ -140,7 +141,7 @@ def test_tokenize_with_caseops_writes_a_sidecar_per_val_shard_lined_up_token_for
 def test_sidecar_bytes_sum_to_the_utf8_length_of_the_original_val_documents(caseops_run):
     out, manifest, docs = caseops_run
     sp, texts = val_texts(out, manifest)
-    val_docs = [d for d in docs if tokenize.doc_hash(d, "") in set(manifest["val_doc_sha256"])]
+    val_docs = [d for d in docs if doc_hash(d, "") in set(manifest["val_doc_sha256"])]
     assert len(val_docs) == len(texts) == manifest["documents"]["val"]
     # decoded through the transform, the val text is the documents' (as SentencePiece normalises them: NFKC)
     assert {caseops.decode(t) for t in texts} == {unicodedata.normalize("NFKC", d) for d in val_docs}

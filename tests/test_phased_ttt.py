@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from files import save_checkpoint, summary_of
 from stages import evaluate, ngram_tilt, phased_ttt
-from test_evaluate import CPU, PHASED, TILT, eval_config, flat_tables, losses_of, tiny_model
+from test_evaluate import CPU, PHASED, TILT, eval_config, losses_of, tiny_model
 
 
 def documents(n, seed, every=23):

@@ -1,7 +1,6 @@
 """Parsing the challenge's published train logs (../shared/fixtures/record-logs) into results rows."""
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 

@@ -11,7 +11,7 @@ import sentencepiece as spm
 from conftest import default_config, tiny_tokenize_config
 
 from stages import config as caddie
-from stages import corpus, submission, tokenize
+from stages import corpus, documents, submission, tokenize
 from stages.shards import ShardError, load_tokens, manifest_shards, read_header, read_shard, write_shard
 
 BOS = 1
@@ -47,25 +47,25 @@ def split_streams(tokens):
 
 def test_clean_documents_drops_short_ones_keeping_those_exactly_at_the_limit():
     docs = ["tiny", "exactly10!", "long enough document", "123456789"]
-    assert tokenize.clean_documents(docs, min_chars=10, max_docs=0) == ["exactly10!", "long enough document"]
+    assert documents.clean_documents(docs, min_chars=10, max_docs=0) == ["exactly10!", "long enough document"]
 
 
 def test_clean_documents_drops_exact_duplicates_keeping_first_seen_order():
     docs = ["bravo document", "alpha document", "bravo document", "charlie document", "alpha document",
             "alpha document "]
-    assert tokenize.clean_documents(docs, min_chars=1, max_docs=0) == [
+    assert documents.clean_documents(docs, min_chars=1, max_docs=0) == [
         "bravo document", "alpha document", "charlie document", "alpha document "]
 
 
 def test_clean_documents_caps_at_max_docs_after_removing_duplicates_and_short_ones():
     docs = ["same text here", "same text here", "no", "second document", "third document", "fourth doc"]
-    assert tokenize.clean_documents(docs, min_chars=5, max_docs=3) == [
+    assert documents.clean_documents(docs, min_chars=5, max_docs=3) == [
         "same text here", "second document", "third document"]
-    assert len(tokenize.clean_documents(docs, min_chars=5, max_docs=0)) == 4
+    assert len(documents.clean_documents(docs, min_chars=5, max_docs=0)) == 4
 
 
 def test_clean_documents_accepts_a_generator():
-    assert tokenize.clean_documents((d for d in ["abcdef", "abcdef", "ghijkl"]), 1, 0) == ["abcdef", "ghijkl"]
+    assert documents.clean_documents((d for d in ["abcdef", "abcdef", "ghijkl"]), 1, 0) == ["abcdef", "ghijkl"]
 
 
 # --- split_val ------------------------------------------------------------------------------------
@@ -74,15 +74,15 @@ DOCS = [f"Document {i}: {s}" for i, s in enumerate(sentences(50))]
 
 
 def test_split_val_is_deterministic_disjoint_and_of_the_requested_size():
-    train, val = tokenize.split_val(DOCS, 7, "salt")
-    assert (train, val) == tokenize.split_val(DOCS, 7, "salt")
+    train, val = documents.split_val(DOCS, 7, "salt")
+    assert (train, val) == documents.split_val(DOCS, 7, "salt")
     assert len(val) == 7 and len(train) == len(DOCS) - 7
     assert not set(train) & set(val)
     assert sorted(train + val) == sorted(DOCS)
 
 
 def test_split_val_keeps_input_order_within_each_split():
-    train, val = tokenize.split_val(DOCS, 7, "salt")
+    train, val = documents.split_val(DOCS, 7, "salt")
     assert val == [d for d in DOCS if d in set(val)]
     assert train == [d for d in DOCS if d in set(train)]
 
@@ -91,29 +91,29 @@ def test_split_val_chooses_by_hash_not_position():
     shuffled = list(DOCS)
     random.Random(1234).shuffle(shuffled)
     assert shuffled != DOCS
-    train, val = tokenize.split_val(DOCS, 7, "salt")
-    train2, val2 = tokenize.split_val(shuffled, 7, "salt")
+    train, val = documents.split_val(DOCS, 7, "salt")
+    train2, val2 = documents.split_val(shuffled, 7, "salt")
     assert set(val2) == set(val) and set(train2) == set(train)
     assert val != DOCS[:7] and val != DOCS[-7:]
 
 
 def test_split_val_depends_on_the_salt():
-    _, val_a = tokenize.split_val(DOCS, 7, "salt-a")
-    _, val_b = tokenize.split_val(DOCS, 7, "salt-b")
+    _, val_a = documents.split_val(DOCS, 7, "salt-a")
+    _, val_b = documents.split_val(DOCS, 7, "salt-b")
     assert set(val_a) != set(val_b)
 
 
 def test_a_val_set_grows_by_adding_documents_not_replacing_them():
     """The smallest hashes: 8 held out contain the 7 held out, so val stays stable as val_docs grows."""
-    _, val7 = tokenize.split_val(DOCS, 7, "salt")
-    _, val8 = tokenize.split_val(DOCS, 8, "salt")
+    _, val7 = documents.split_val(DOCS, 7, "salt")
+    _, val8 = documents.split_val(DOCS, 8, "salt")
     assert set(val7) < set(val8)
 
 
 @pytest.mark.parametrize("val_docs", [50, 51])
 def test_too_many_val_docs_raise_naming_the_setting(val_docs):
     with pytest.raises(ValueError, match="tokenize.val_docs"):
-        tokenize.split_val(DOCS, val_docs, "salt")
+        documents.split_val(DOCS, val_docs, "salt")
 
 
 # --- the python-docs corpus -----------------------------------------------------------------------
@@ -141,8 +141,8 @@ def test_python_docs_includes_pydoc_topics(python_docs):
 def tiny_split(tiny_data, python_docs):
     """The fixture's train and val documents, recomputed from the config its manifest records."""
     cfg = tiny_data["info"]["config"]
-    docs = tokenize.clean_documents(python_docs, cfg["min_doc_chars"], cfg["max_docs"])
-    train, val = tokenize.split_val(docs, cfg["val_docs"], cfg["val_salt"])
+    docs = documents.clean_documents(python_docs, cfg["min_doc_chars"], cfg["max_docs"])
+    train, val = documents.split_val(docs, cfg["val_docs"], cfg["val_salt"])
     return {"train": train, "val": val}
 
 
@@ -215,8 +215,8 @@ def test_val_raw_bytes_is_the_utf8_length_of_the_val_documents(tiny_data, tiny_s
 
 def test_no_val_document_hash_is_among_train_hashes(tiny_data, tiny_split):
     val_hashes = read_manifest(tiny_data)["val_doc_sha256"]
-    assert val_hashes == sorted(tokenize.doc_hash(d, "") for d in tiny_split["val"])
-    assert not set(val_hashes) & {tokenize.doc_hash(d, "") for d in tiny_split["train"]}
+    assert val_hashes == sorted(documents.doc_hash(d, "") for d in tiny_split["val"])
+    assert not set(val_hashes) & {documents.doc_hash(d, "") for d in tiny_split["train"]}
 
 
 def test_manifest_records_the_tokenizer_file_hash_and_settings(tiny_data):
@@ -573,7 +573,7 @@ def test_round_trip_skips_documents_holding_unk_and_empty_ones(tiny_sp):
 def other_tokenizer_512(python_docs, tmp_path_factory):
     """A 512-piece tokenizer with the same settings as the tiny one, trained on other documents."""
     model = tmp_path_factory.mktemp("other") / "other_512.model"
-    tokenize.train_tokenizer(tokenize.clean_documents(python_docs, 40, 0)[700:1400], 512, model)
+    tokenize.train_tokenizer(documents.clean_documents(python_docs, 40, 0)[700:1400], 512, model)
     return model
 
 
@@ -722,7 +722,7 @@ def test_the_demo_corpus_has_no_val_document_in_train(tmp_path, python_docs):
     assert submission.val_overlap(tmp_path / "manifest.json") == {"val_docs": 400, "val_docs_in_train": 0}
     dropped = manifest["token_duplicates_dropped"]
     assert manifest["documents"] == {"val": 400 - dropped["val"],
-                                     "train": len(tokenize.clean_documents(python_docs, 40, 0)) - 400 - dropped["train"]}
+                                     "train": len(documents.clean_documents(python_docs, 40, 0)) - 400 - dropped["train"]}
 
 
 # --- re-runs --------------------------------------------------------------------------------------
@@ -866,8 +866,8 @@ def test_a_shard_is_written_as_it_fills_before_the_corpus_is_read_to_the_end(tmp
     assert all(size == 1000 for _, size, _, _ in train[:-1]) and 0 < train[-1][1] <= 1000
     assert train[0][2] == 4 and train[0][3] < len(docs)  # in the last pass, with documents still unread
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
-    kept = tokenize.clean_documents(docs, 5, 0)
-    train_docs, _ = tokenize.split_val(kept, 10, manifest["config"]["val_salt"])
+    kept = documents.clean_documents(docs, 5, 0)
+    train_docs, _ = documents.split_val(kept, 10, manifest["config"]["val_salt"])
     stream = load_tokens(manifest_shards(tmp_path / "out" / "manifest.json", "train"))
     assert stream.tolist() == [t for ids in sp.encode(train_docs) for t in [BOS] + ids]  # cut, not lost
 
@@ -885,14 +885,14 @@ def test_the_shard_writer_rolls_over_at_shard_tokens_and_writes_no_empty_tail(tm
 
 
 def test_select_documents_takes_the_sample_from_the_hashes_after_val_whatever_the_order():
-    selection = tokenize.select_documents(DOCS, 7, 10, "salt")
-    ranked = sorted(range(len(DOCS)), key=lambda i: tokenize.doc_hash(DOCS[i], "salt"))
+    selection = documents.select_documents(DOCS, 7, 10, "salt")
+    ranked = sorted(range(len(DOCS)), key=lambda i: documents.doc_hash(DOCS[i], "salt"))
     assert (selection.total, selection.val, selection.sample) == (len(DOCS), set(ranked[:7]), set(ranked[7:17]))
     shuffled = list(DOCS)
     random.Random(7).shuffle(shuffled)
-    again = tokenize.select_documents(shuffled, 7, 10, "salt")
+    again = documents.select_documents(shuffled, 7, 10, "salt")
     assert {shuffled[i] for i in again.sample} == {DOCS[i] for i in selection.sample}
-    assert selection.sample < tokenize.select_documents(DOCS, 7, 11, "salt").sample  # grows by adding
+    assert selection.sample < documents.select_documents(DOCS, 7, 11, "salt").sample  # grows by adding
 
 
 def capture_sentencepiece_input(monkeypatch):
@@ -915,7 +915,7 @@ def test_the_tokenizer_sees_only_tokenizer_sample_docs_train_documents_determini
     cfg = files_config([path], val_docs=10, tokenizer_sample_docs=150)
     first = tokenize.run(cfg, tmp_path / "a")
     second = tokenize.run(cfg, tmp_path / "b", workers=1)
-    ranked = sorted(docs, key=lambda d: tokenize.doc_hash(d, cfg["val_salt"]))
+    ranked = sorted(docs, key=lambda d: documents.doc_hash(d, cfg["val_salt"]))
     val, sample = set(ranked[:10]), set(ranked[10:160])
     assert seen[0] == ([d for d in docs if d in sample], 150)  # in corpus order, and no more than that
     assert seen[1] == seen[0] and not set(seen[0][0]) & val
@@ -929,7 +929,7 @@ def test_a_sample_larger_than_the_train_set_trains_on_all_of_it(tmp_path, monkey
     seen = capture_sentencepiece_input(monkeypatch)
     cfg = files_config([path], val_docs=10, tokenizer_sample_docs=10_000)
     tokenize.run(cfg, tmp_path / "out")
-    train, _ = tokenize.split_val(docs, 10, cfg["val_salt"])
+    train, _ = documents.split_val(docs, 10, cfg["val_salt"])
     assert seen == [(train, 190)]
 
 

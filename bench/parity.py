@@ -115,7 +115,10 @@ def use_caddie(rev: str | None) -> None:
     from stages.config import plan
     from stages.model import GPT, GPTConfig, cast_to_training_dtypes
     from stages.shards import manifest_shards, read_shard
-    from stages.train import Batches, TokenStream
+    try:
+        from stages.loader import Batches, TokenStream
+    except ImportError:  # a snapshot from before the loader left stages/train.py
+        from stages.train import Batches, TokenStream
     import stages
     if Path(stages.__file__).resolve().parent != (CADDIE / "stages").resolve():
         raise SystemExit(f"imported stages from {stages.__file__}, expected {CADDIE / 'stages'}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_train_config
-from stages import attention, train
+from stages import attention, loader, train
 from stages.attention import causal_attention, document_segments, segment_starts
 from stages.model import GPT, GPTConfig
 
@@ -143,11 +143,11 @@ def test_a_packed_batch_is_each_ranks_contiguous_span_as_one_row(tiny_data):
     paths = manifest_shards(tiny_data["manifest"], "train")
     spans = []
     for rank in range(2):
-        batches = train.Batches(train.TokenStream(paths, vocab), None, None, 64, rank, 2, packed=True)
+        batches = loader.Batches(loader.TokenStream(paths, vocab), None, None, 64, rank, 2, packed=True)
         x, y = batches.next(256, 0.0)
         assert x.shape == (1, 256) and torch.equal(x[0, 1:], y[0, :-1])
         spans.append(x[0])
-    stream = train.TokenStream(paths, vocab).take(2 * 257)
+    stream = loader.TokenStream(paths, vocab).take(2 * 257)
     assert torch.equal(spans[0], torch.from_numpy(stream[:256].astype(np.int64)))
     assert torch.equal(spans[1], torch.from_numpy(stream[257:513].astype(np.int64)))
 

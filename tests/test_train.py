@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_train_config
-from stages import curriculum, records, train
+from stages import curriculum, loader, records, train
 from stages.shards import ShardSet, manifest_shards
 
 
@@ -52,7 +52,7 @@ def test_curriculum_training_learns(tiny_data, tmp_path):
 def curriculum_batches(data, rank, world, seed=1):
     sampler = curriculum.load_sampler(data["buckets"], data["buckets_summary"], 0.02, seed, rank)
     windows = ShardSet(manifest_shards(data["manifest"], "train"))
-    return train.Batches(None, sampler, windows, 64, rank, world), windows
+    return loader.Batches(None, sampler, windows, 64, rank, world), windows
 
 
 def test_curriculum_batches_are_each_ranks_own_windows_read_from_the_shards(tiny_data):
@@ -302,14 +302,14 @@ GROWTH = {"lengths": [16, 32], "until": [0.25, 0.5], "rewarm_steps": 4}
 @pytest.mark.parametrize("use_curriculum", [False, True])
 def test_context_growth_changes_the_sequence_length_at_its_fractions_with_the_tokens_fixed(
         tiny_data, tmp_path, monkeypatch, use_curriculum):
-    shapes, real_next = [], train.Batches.next
+    shapes, real_next = [], loader.Batches.next
 
     def spy(self, local_tokens, progress, seq_len=None):
         x, y = real_next(self, local_tokens, progress, seq_len)
         shapes.append(tuple(x.shape))
         return x, y
 
-    monkeypatch.setattr(train.Batches, "next", spy)
+    monkeypatch.setattr(loader.Batches, "next", spy)
     train.main(train_args(tiny_data, tmp_path, curriculum=use_curriculum, iterations=20, warmdown_iters=0,
                           log_every=1, seq_growth=GROWTH))
     # step k (0-based) runs at progress k / 20: 16 while <= 0.25, 32 while <= 0.5, then seq_len 64

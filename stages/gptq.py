@@ -69,10 +69,10 @@ def collect_hessians(model, batches, device) -> dict:
     return {name: hessians[name] for name in hessian_targets(model) if name in hessians}  # in the model's order
 
 
-def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹."""
+def inverse_hessian_cholesky(h: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping·I)⁻¹."""
     h = h.clone()
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(len(h))
+    h.diagonal().add_(damping)
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
@@ -86,9 +86,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: i
     dead = torch.diag(h) == 0  # inputs that are always zero carry no information
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    # damp·mean(diag H) over the columns in their own order, as the records do: a mean taken after the act-order
+    # permutation (IST-DASLab's order) can differ in its last bit, and flip a few codes by one
+    damping = damp * torch.diag(h).mean()
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.size(1))
     w, h = w[:, perm], h[perm][:, perm]
-    hinv = inverse_hessian_cholesky(h, damp)
+    hinv = inverse_hessian_cholesky(h, damping)
     s = scale.float()[:, None]
     is_high = high[0][perm] if high is not None else torch.zeros(w.size(1), dtype=torch.bool)
     q = torch.zeros_like(w)

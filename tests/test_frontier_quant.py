@@ -171,3 +171,30 @@ def test_awq_groups_and_codes_equal_the_record_that_brought_them():
     entries = [quantize.quantize_tensor(n, w, cfg, hs[n], awq_starts=protected.get(n))[0] for n, w in state.items()]
     quantize.add_lqer(entries, state, cfg["lqer"])
     assert compare_codes(theirs, entries) == {"codes": 3, "awq": 3, "lqer": 3}
+
+
+def hessian_whose_mean_depends_on_the_order(seed=40, cols=512):
+    """x.T @ x whose diagonal sums to another fp32 mean in act order than in column order (seed 40: 2 of the
+    2048x512 codes then differ by one between the two orders)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2048, cols, generator=g) * torch.logspace(0, -1, cols)
+    x[:, :3] *= 8
+    h = x.T @ x
+    assert torch.diag(h).mean() != torch.diag(h)[torch.argsort(torch.diag(h), descending=True)].mean()
+    return torch.randn(2048, cols, generator=g) * 0.02, h
+
+
+def test_gptq_damps_with_the_mean_of_the_diagonal_in_column_order(monkeypatch):
+    w, h = hessian_whose_mean_depends_on_the_order()
+    seen = []
+    real = gptq.inverse_hessian_cholesky
+    monkeypatch.setattr(gptq, "inverse_hessian_cholesky", lambda hh, damping: seen.append(damping) or real(hh, damping))
+    gptq.gptq_quantize(w, h, rowquant.sdclip_scale(w, 12.85, 31), 31, damp=0.01)
+    assert seen == [0.01 * torch.diag(h).mean()] and seen[0].dtype == torch.float32
+
+
+def test_codes_equal_the_records_where_the_damping_mean_depends_on_the_order():
+    rec = load_record()
+    w, h = hessian_whose_mean_depends_on_the_order()
+    q_rec, s_rec = rec.gptq_quantize_weight(w, h, clip_sigmas=12.85, clip_range=31)
+    assert torch.equal(gptq.gptq_quantize(w, h, rowquant.sdclip_scale(w, 12.85, 31), 31), q_rec)

@@ -122,15 +122,7 @@ def caddie_config() -> dict:
 
 
 def patch_for_eval() -> Path:
-    text = patch(RECORD).read_text(encoding="utf-8")
-    for old, new, count, _ in EVAL_SUBSTITUTIONS:
-        found = text.count(old)
-        if found != count:
-            raise SystemExit(f"record {RECORD}: expected {count} match(es) of {old[:60]!r}, found {found}")
-        text = text.replace(old, new)
-    out = upstream(RECORD).with_name("train_gpt_eval_cpu.py")
-    out.write_text(text, encoding="utf-8")
-    return out
+    return patch(RECORD, SUBSTITUTIONS + EVAL_SUBSTITUTIONS, "train_gpt_eval_cpu.py")
 
 
 def calibration_batches(sp) -> list:

@@ -167,14 +167,15 @@ def fetch(record: str, git_dir: str | None, info: dict | None = None) -> None:
         sys.exit(f"{path.relative_to(ROOT)}: sha256 {sha256(path)} is not the record's {info['sha256']}")
 
 
-def patch(record: str) -> Path:
+def patch(record: str, substitutions: list = SUBSTITUTIONS, name: str = "train_gpt_cpu.py") -> Path:
+    """The record's CPU copy `name` beside it: `substitutions` applied in order, each asserted to match its count."""
     text = upstream(record).read_text(encoding="utf-8")
-    for old, new, count, _ in SUBSTITUTIONS:
+    for old, new, count, _ in substitutions:
         found = text.count(old)
         if found != count:
             raise SystemExit(f"record {record}: expected {count} match(es) of {old[:60]!r}, found {found}")
         text = text.replace(old, new)
-    out = upstream(record).with_name("train_gpt_cpu.py")
+    out = upstream(record).with_name(name)
     out.write_text(text, encoding="utf-8")
     return out
 

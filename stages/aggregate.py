@@ -25,12 +25,10 @@ import pandas as pd
 
 from stages import records, report
 from stages.io import atomic_path, read_json, write_json
-from stages.config import deep_merge
+from stages.config import MODES, POINTS, chain_of, deep_merge
 from stages.stats import (THRESHOLD_NATS, THRESHOLD_P, compare, finite_or_none, one_sample_less,
                           one_sample_two_sided, paired_t, progression, summarize, threshold_bpb, verdict_word)
 
-POINTS = ("prequant", "quant", "rescue")
-MODES = ("standard", "sliding", "ttt")
 RECORD_KEYS = ("arm", "seed", "point", "mode", "eval", "train_summary")
 EVAL_KEYS = ("point", "mode", "tokens", "bytes", "raw_bytes", "loss_nats", "val_bpb", "seconds")
 TRAIN_KEYS = ("steps", "train_seconds")
@@ -159,18 +157,6 @@ def group_stats(df, confidence):
         s["shared_by"] = shared.get((arm, point, mode), [arm])
         groups.setdefault(arm, {}).setdefault(point, {})[mode] = s
     return groups
-
-
-def chain_of(pairs) -> list[tuple[str, str]]:
-    """The decomposition chain of the (point, mode) pairs an arm has (see the module docstring)."""
-    pairs = set(pairs)
-    modes = [m for m in MODES if any(pm[1] == m for pm in pairs)]
-    if not modes:
-        return []
-    base = modes[0]
-    chain = [(p, base) for p in POINTS if (p, base) in pairs]
-    last = chain[-1][0] if chain else next(p for p in reversed(POINTS) if any(pm[0] == p for pm in pairs))
-    return chain + [(last, m) for m in modes[1:] if (last, m) in pairs]
 
 
 def wide_by_seed(g) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from stages.shards import split_shards
 STAGES_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = STAGES_DIR.parent / "schemas" / "config.schema.yaml"
 POINTS = ("prequant", "quant", "rescue")
+MODES = ("standard", "sliding", "ttt")
 
 
 class ConfigError(ValueError):
@@ -279,7 +280,6 @@ def plan(config: dict) -> dict:
 # The generator and the entry of the code it ships (stages.export.ENTRY): their code keys an export.
 EXPORT_CODE = ("export", "recordrun")
 EXPORT_DIR = "artifacts/export"
-MODES = ("standard", "sliding", "ttt")
 
 
 def export_file(key: str) -> str:
@@ -290,12 +290,17 @@ def rescue_enabled(rescue: dict) -> bool:
     return rescue["lcq"]["enabled"] or rescue["calibrate"]["enabled"]
 
 
-def score_chain(points: list[str], modes: list[str]) -> list[tuple[str, str]]:
-    """The decomposition chain of an arm that has every (point, mode) of its points and modes (as
-    stages.aggregate.chain_of orders them): each point at the first mode, then the other modes at the last
-    point, whose last pair is the arm's score."""
-    modes = [m for m in MODES if m in modes]
-    return [(p, modes[0]) for p in points] + [(points[-1], m) for m in modes[1:]]
+def chain_of(pairs) -> list[tuple[str, str]]:
+    """The decomposition chain of the (point, mode) pairs an arm has (stages/aggregate.py's docstring): each
+    point at the first mode, then the other modes at the last point; its last pair is the arm's score."""
+    pairs = set(pairs)
+    modes = [m for m in MODES if any(pm[1] == m for pm in pairs)]
+    if not modes:
+        return []
+    base = modes[0]
+    chain = [(p, base) for p in POINTS if (p, base) in pairs]
+    last = chain[-1][0] if chain else next(p for p in reversed(POINTS) if any(pm[0] == p for pm in pairs))
+    return chain + [(last, m) for m in modes[1:] if (last, m) in pairs]
 
 
 def export_spec(cfg: dict) -> dict:
@@ -308,7 +313,8 @@ def export_spec(cfg: dict) -> dict:
                   if cfg["curriculum"]["enabled"] else None)
     return {"data": {"vocab_size": cfg["tokenize"]["vocab_size"]}, "curriculum": curriculum,
             "train": train_section(cfg), "quantize": quantize_section(cfg["quantize"]), "rescue": rescue,
-            "evaluations": [evaluate_section(cfg, p, m) for p, m in score_chain(points, cfg["evaluate"]["modes"])]}
+            "evaluations": [evaluate_section(cfg, p, m)
+                            for p, m in chain_of((p, m) for p in points for m in cfg["evaluate"]["modes"])]}
 
 
 def stage_sources(module: str) -> list[str]:

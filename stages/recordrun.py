@@ -6,9 +6,9 @@
 It calls the stage functions the pipeline's rules call, with the arm's resolved stage configurations (the
 export's spec, stages/export.py) and the same files between them, so its numbers are the pipeline's: curriculum
 (when on) -> train -> quantize -> rescue (when the arm has one), each artifact counted with this very file as
-its code -> the evaluations of the arm's decomposition chain, its score last. The records' environment variables override the
-data, seed, run id and the hyperparameters in ENV. Every output lands under runs/<RUN_ID>/ and the log, in the
-records' format (stages/recordlog.py), in logs/<RUN_ID>.txt.
+its code -> the evaluations of the arm's decomposition chain, its score last. The records' environment
+variables override the data, seed, run id and the hyperparameters in ENV. Every output lands under
+runs/<RUN_ID>/ and the log, in the records' format (stages/recordlog.py), in logs/<RUN_ID>.txt.
 """
 import copy
 import json
@@ -22,10 +22,10 @@ import sentencepiece as spm
 import torch.distributed as dist
 
 from stages import codesize, curriculum, evaluate, quantize, recordlog, rescue, train
+from stages.attention import BOS_ID
 from stages.io import read_json, sha256_file, write_json, write_text
 from stages.shards import read_header, split_shards
 
-BOS_ID = 1  # stages.tokenize.BOS_ID: every document of the challenge's shards starts with it
 RUN_DEFAULTS = {"log_every": 100, "checkpoint_every": 0}  # a records run logs every 100 steps and never resumes
 
 # The records' environment variables and the setting each overrides (section, key path).
@@ -165,14 +165,16 @@ def write_manifest(data_path: Path, tokenizer_path: Path, folder: Path) -> None:
     entries = [linked_shard(p, split, folder) for split, paths in shards.items() for p in paths]
     (folder / "tokenizer.model").symlink_to(tokenizer_path.resolve())
     write_json(folder / "manifest.json", {
-        "shards": entries, "vocab_size": spm.SentencePieceProcessor(model_file=str(tokenizer_path)).vocab_size(), "bos_id": BOS_ID, "val_raw_bytes": None,
+        "shards": entries, "vocab_size": spm.SentencePieceProcessor(model_file=str(tokenizer_path)).vocab_size(),
+        "bos_id": BOS_ID, "val_raw_bytes": None,
         "tokens": {split: sum(e["tokens"] for e in entries if e["split"] == split) for split in ("train", "val")},
         "tokenizer": {"file": "tokenizer.model", "sha256": sha256_file(tokenizer_path)}})
 
 
 def train_args(spec: dict, manifest: Path, seed: int, folder: Path) -> list[str]:
-    args = ["--config", json.dumps(spec["train"]), "--run-settings", json.dumps(spec["run"]), "--manifest", str(manifest),
-            "--seed", str(seed), "--out-dir", str(folder / "train"), "--resume-dir", str(folder / "train" / "resume")]
+    args = ["--config", json.dumps(spec["train"]), "--run-settings", json.dumps(spec["run"]),
+            "--manifest", str(manifest), "--seed", str(seed), "--out-dir", str(folder / "train"),
+            "--resume-dir", str(folder / "train" / "resume")]
     if spec["curriculum"] is not None:
         args += ["--curriculum", str(folder / "buckets.npz"), "--curriculum-summary",
                  str(folder / "curriculum.json")]

@@ -147,11 +147,18 @@ def test_the_spec_is_what_the_plan_gives_the_stages():
         assert chain[-1] == (("rescue" if "rescue" in keys else "quant"), "ttt")
 
 
-def test_the_chain_is_the_aggregates():
-    from stages.aggregate import chain_of
-    for points in (["prequant", "quant"], ["prequant", "quant", "rescue"]):
-        for modes in (["standard"], ["sliding", "standard"], ["standard", "sliding", "ttt"], ["ttt"]):
-            assert caddie.score_chain(points, modes) == chain_of([(p, m) for p in points for m in modes])
+@pytest.mark.parametrize("rescue, modes, chain", [
+    (False, ["standard"], "prequant/standard quant/standard"),
+    (False, ["sliding", "standard"], "prequant/standard quant/standard quant/sliding"),
+    (True, ["ttt", "standard", "sliding"], "prequant/standard quant/standard rescue/standard rescue/sliding rescue/ttt"),
+    (True, ["ttt"], "prequant/ttt quant/ttt rescue/ttt"),
+])
+def test_the_evaluations_are_the_decomposition_chain_the_aggregate_reads(rescue, modes, chain):
+    """Both take it from config.chain_of: each point at the first mode, then the other modes at the last point."""
+    cfg = tiny_arm()
+    cfg["evaluate"]["modes"] = modes
+    cfg["rescue"]["calibrate"]["enabled"] = rescue
+    assert [f"{ev['point']}/{ev['mode']}" for ev in caddie.export_spec(cfg)["evaluations"]] == chain.split()
 
 
 def test_environment_overrides_the_defaults_and_names_a_bad_value():

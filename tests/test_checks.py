@@ -11,7 +11,7 @@ from stages import config as caddie
 
 @pytest.fixture(autouse=True)
 def in_the_workflow(monkeypatch):
-    monkeypatch.chdir(ROOT)  # counted_code paths are relative to the workflow, as the quantize rule runs
+    monkeypatch.chdir(ROOT)  # config files are read relative to the workflow, as snakemake reads them
 
 
 def stage_config(settings: dict) -> dict:

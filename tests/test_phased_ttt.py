@@ -228,3 +228,19 @@ def test_the_trained_copy_is_fp32_from_half_precision_and_stays_float64():
     assert {p.dtype for p in trainable_copy(model.bfloat16()).parameters()} == {torch.float32}
     doubled = trainable_copy(model.double())
     assert {p.dtype for p in doubled.parameters()} == {torch.float64} and doubled is not model
+
+
+def test_the_fixed_a_is_the_same_draw_in_a_float64_run():
+    model = tiny_model()
+    a32 = phased_ttt.SiteLoRA(model, ["q", "mlp"], rank=2, alpha=4.0, device=CPU)
+    a32.remove()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        a64 = phased_ttt.SiteLoRA(model.double(), ["q", "mlp"], rank=2, alpha=4.0, device=CPU)
+        a64.remove()
+    finally:
+        torch.set_default_dtype(previous)
+    for site in ("q", "mlp"):
+        for x, y in zip(a32.a0[site], a64.a0[site]):
+            assert x.dtype == torch.float32 and y.dtype == torch.float64 and torch.equal(x.double(), y)

@@ -189,6 +189,7 @@ def _muon_worker(rank, world_size, init_file, out_file):
     Muon(params, lr=0.1, momentum=0.9, backend_steps=5).step()
     if rank == 0:
         torch.save([p.detach() for p in params], out_file)
+    dist.barrier()  # both ranks done with the group before either tears it down (a gloo abort seen once in CI)
     dist.destroy_process_group()
 
 
